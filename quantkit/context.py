@@ -1,0 +1,47 @@
+"""Context: everything passes share during one pipeline run."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.arch import ArchInfo
+
+
+@dataclass
+class Context:
+    model: nn.Module
+    tokenizer: Any
+    arch: ArchInfo
+    device: torch.device
+    # calibration token ids [N, seq_len]; None until the calibrate pass ran
+    calib: torch.Tensor | None = None
+    batch_size: int = 4
+    seed: int = 0
+    # per-module statistics, e.g. stats["act_amax"][name] -> tensor
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provided: set[str] = field(default_factory=set)
+    # rows that end up in report.json under "passes" -> pass name -> dict
+    report: dict[str, Any] = field(default_factory=dict)
+    teacher: nn.Module | None = None
+    # modules a pass replaced, name -> description (for the report and export)
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def keep_teacher(self) -> None:
+        """Snapshot the unmodified model once, for passes that compare against it."""
+        if self.teacher is None:
+            self.teacher = copy.deepcopy(self.model).eval()
+
+    def calib_batches(self):
+        """Yield calibration batches [b, seq_len] on the model's device."""
+        if self.calib is None:
+            raise RuntimeError("calibration buffer missing: the recipe order check should have caught this")
+        for i in range(0, self.calib.shape[0], self.batch_size):
+            yield self.calib[i : i + self.batch_size].to(self.device)
+
+    def record(self, pass_name: str, **values: Any) -> None:
+        self.report.setdefault(pass_name, {}).update(values)

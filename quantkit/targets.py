@@ -1,0 +1,53 @@
+"""Module selection: fnmatch include/exclude globs over module names, plus roles.
+
+Defaults users expect: lm_head, embeddings, norms and MoE routers are never selected unless a
+recipe includes them explicitly.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from quantkit.arch import ArchInfo
+
+DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*norm*", "*.router", "*.mlp.gate", "*.block_sparse_moe.gate")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+class Targets(BaseModel):
+    """Which linears a pass acts on. Empty include means every block linear."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include: list[str] = []
+    exclude: list[str] = []
+    roles: list[str] = []  # e.g. ["q", "k", "v", "o"]; empty = all roles
+    layers: list[int] = []  # empty = all layers
+
+    def select(self, model: nn.Module, arch: ArchInfo, kind=is_linear) -> list[str]:
+        names = []
+        for name, module in model.named_modules():
+            if not kind(module):
+                continue
+            explicit = any(fnmatchcase(name, p) for p in self.include)
+            if self.include and not explicit:
+                continue
+            if not explicit and any(fnmatchcase(name, p) for p in DEFAULT_EXCLUDE):
+                continue
+            if any(fnmatchcase(name, p) for p in self.exclude):
+                continue
+            where = arch.role_of(name)
+            if not self.include and where is None:
+                continue  # only decoder-block linears unless named explicitly
+            if self.roles and (where is None or where[1] not in self.roles):
+                continue
+            if self.layers and (where is None or where[0] not in self.layers):
+                continue
+            names.append(name)
+        return names
