@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,10 @@ class Context:
     teacher: nn.Module | None = None
     # modules a pass replaced, name -> description (for the report and export)
     quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the recipe's calib section (quantkit.recipe.CalibConfig)
+    calib_config: Any = None
+    # advance the current pass's progress bar by n work units (set by the pipeline)
+    progress: Callable[[int], None] | None = None
 
     def keep_teacher(self) -> None:
         """Snapshot the unmodified model once, for passes that compare against it."""

@@ -1,0 +1,222 @@
+"""LLM.int8(): quantkit's OutlierLinear against bitsandbytes' Linear8bitLt, same run, same CPU.
+
+1. Perplexity of SmolLM2-135M (bf16) on the held-out text with every block linear in
+   LLM.int8() (lm_head kept 16-bit, as bitsandbytes does), for quantkit's modes and for
+   bitsandbytes at threshold 6 and 0 (its "no decomposition"; quantkit spells that inf).
+2. Forward latency of one linear at SmolLM2 shapes, eval mode, inputs with two outlier
+   columns so both decompositions run: quantkit vs bitsandbytes vs fp32 nn.Linear.
+   Calls are interleaved and the machine may be shared: the table reports the median and
+   the min of each, and the ratios of both.
+
+    python bench/bench_llm_int8.py [--windows 16] [--reps 15] [--skip-ppl] [--skip-latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.arch import arch_info
+from quantkit.calib import load_calib
+from quantkit.context import Context
+from quantkit.eval import perplexity
+from quantkit.export.quantkit_layout import set_module
+from quantkit.models import load_model
+from quantkit.nn.outlier_linear import OutlierLinear
+from quantkit.passes.llm_int8 import LlmInt8
+
+RESULTS = Path(__file__).parent / "results"
+NAME = "llm_int8"
+SHAPES = ((576, 576), (576, 1536), (1536, 576))  # (in, out): q/o, gate/up, down of SmolLM2-135M
+TOKENS = (512, 2048)
+OUTLIER_COLS = (3, 100)  # input columns scaled x20 so |x| >= 6 in every row
+SEQ_LEN, BATCH = 512, 4
+CALIB_SAMPLES = 16
+
+
+def _quiet_bnb():
+    import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return bnb
+
+
+def bnb_linear(linear: nn.Linear, threshold: float) -> nn.Module:
+    """bitsandbytes' LLM.int8 module for linear, quantized on the CPU, eval mode."""
+    bnb = _quiet_bnb()
+    mod = bnb.nn.Linear8bitLt(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        has_fp16_weights=False, threshold=threshold,
+    )
+    mod.load_state_dict(linear.state_dict())
+    return mod.to("cpu").eval()  # .to() runs the int8 quantization
+
+
+# -- perplexity ----------------------------------------------------------------------------
+
+
+def _ctx(model, tokenizer) -> Context:
+    ctx = Context(model=model, tokenizer=tokenizer, arch=arch_info(model), device=torch.device("cpu"))
+    ctx.calib = load_calib(tokenizer, n_samples=CALIB_SAMPLES, seq_len=SEQ_LEN)
+    ctx.batch_size = BATCH
+    return ctx
+
+
+def _ours(dense, tokenizer, **fields) -> tuple[nn.Module, dict]:
+    model = copy.deepcopy(dense)
+    ctx = _ctx(model, tokenizer)
+    LlmInt8(**fields).run(model, ctx)
+    rep = ctx.report["llm_int8"]
+    return model, {"int8_share": rep["int8_share"]}
+
+
+def _bnb(dense, tokenizer, threshold: float) -> tuple[nn.Module, dict]:
+    model = copy.deepcopy(dense)
+    names = LlmInt8().select(model, _ctx(model, tokenizer))  # the same linears as quantkit
+    for name in names:
+        set_module(model, name, bnb_linear(model.get_submodule(name), threshold))
+    return model, {}
+
+
+def perplexity_rows(windows: int) -> list[dict]:
+    dense, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    variants = [
+        ("bf16 (no quantization)", lambda: (dense, {})),
+        ("quantkit dynamic t=6", lambda: _ours(dense, tok, threshold=6.0)),
+        ("quantkit dynamic t=6 bnb_compat", lambda: _ours(dense, tok, threshold=6.0, bnb_compat=True)),
+        ("quantkit static t=6", lambda: _ours(dense, tok, threshold=6.0, outliers="static")),
+        ("quantkit t=inf (no decomposition)", lambda: _ours(dense, tok, threshold=math.inf)),
+        ("bitsandbytes t=6", lambda: _bnb(dense, tok, 6.0)),
+        ("bitsandbytes t=0 (no decomposition)", lambda: _bnb(dense, tok, 0.0)),
+    ]
+    rows = []
+    for label, build in variants:
+        model, extra = build()
+        start = time.perf_counter()
+        ppl = perplexity(model, tok, seq_len=SEQ_LEN, max_windows=windows, batch_size=BATCH)
+        rows.append({"variant": label, "ppl": ppl, "eval_s": round(time.perf_counter() - start, 1), **extra})
+        print(f"  {label:40s} ppl {ppl:.3f}", flush=True)
+        del model
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_delta_vs_bf16"] = r["ppl"] - base
+    return rows
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def _input(tokens: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(0))
+    x[:, list(OUTLIER_COLS)] *= 20.0
+    return x.to(dtype)
+
+
+def _time(fns: dict, reps: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up (caches, allocator)
+    for _ in range(reps):  # interleaved so load from other processes hits all alike
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@torch.inference_mode()
+def latency_rows(reps: int) -> list[dict]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for in_f, out_f in SHAPES:
+            lin = nn.Linear(in_f, out_f, bias=False)
+            lin.weight.data = lin.weight.data.half().float()  # lossless for bitsandbytes' fp16 cast
+            ours = OutlierLinear.from_linear(lin, threshold=6.0, bnb_compat=True).eval()
+            peer = bnb_linear(lin, 6.0)
+            dense = copy.deepcopy(lin).to(dtype)
+            for tokens in TOKENS:
+                x = _input(tokens, in_f, dtype)
+                agree = ((ours(x).float() - peer(x).float()).norm() / peer(x).float().norm()).item()
+                t = _time({"quantkit": lambda: ours(x), "bnb": lambda: peer(x), "dense": lambda: dense(x)}, reps)
+                med = {k: statistics.median(v) for k, v in t.items()}
+                rows.append({
+                    "dtype": str(dtype).removeprefix("torch."), "in": in_f, "out": out_f, "tokens": tokens,
+                    **{f"{k}_ms_median": round(v, 3) for k, v in med.items()},
+                    **{f"{k}_ms_min": round(min(v), 3) for k, v in t.items()},
+                    "bnb_over_quantkit": round(med["bnb"] / med["quantkit"], 2),
+                    "bnb_over_quantkit_min": round(min(t["bnb"]) / min(t["quantkit"]), 2),
+                    "dense_over_quantkit": round(med["dense"] / med["quantkit"], 2),
+                    "dense_over_quantkit_min": round(min(t["dense"]) / min(t["quantkit"]), 2),
+                    "rel_diff_vs_bnb": agree,
+                })
+                r = rows[-1]
+                print(f"  {r['dtype']:8s} {in_f}x{out_f} T={tokens}: quantkit {med['quantkit']:.2f} ms, "
+                      f"bnb {med['bnb']:.2f} ms, dense {med['dense']:.2f} ms", flush=True)
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _markdown(result: dict) -> str:
+    out = [f"# LLM.int8(): quantkit vs bitsandbytes {result['bitsandbytes']} (CPU)", ""]
+    out.append(f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. "
+               "Measured in one run; the CPU may have been shared with other jobs.")
+    if result.get("perplexity"):
+        out += ["", f"## SmolLM2-135M perplexity ({result['windows']} x {SEQ_LEN}-token held-out windows)", "",
+                "| variant | ppl | vs bf16 | int8 share of MACs (calibration) |", "|---|---|---|---|"]
+        for r in result["perplexity"]:
+            share = "" if r.get("int8_share") is None else f"{100 * r['int8_share']:.3f}%"
+            out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta_vs_bf16']:+.3f} | {share} |")
+    if result.get("latency"):
+        out += ["", "## One linear, eval-mode forward (ms, median of interleaved calls; min in brackets)", "",
+                "| dtype | in x out | tokens | quantkit | bitsandbytes | fp32/bf16 nn.Linear | bnb / quantkit | "
+                "dense / quantkit | rel. diff vs bnb |", "|---|---|---|---|---|---|---|---|---|"]
+        # ratios: of the medians, then (in brackets) of the mins
+        for r in result["latency"]:
+            out.append(
+                f"| {r['dtype']} | {r['in']}x{r['out']} | {r['tokens']} | {r['quantkit_ms_median']:.2f} "
+                f"({r['quantkit_ms_min']:.2f}) | {r['bnb_ms_median']:.2f} ({r['bnb_ms_min']:.2f}) | "
+                f"{r['dense_ms_median']:.2f} ({r['dense_ms_min']:.2f}) | {r['bnb_over_quantkit']:.2f}x "
+                f"({r['bnb_over_quantkit_min']:.2f}x) | {r['dense_over_quantkit']:.2f}x "
+                f"({r['dense_over_quantkit_min']:.2f}x) | {r['rel_diff_vs_bnb']:.1e} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
+    args = ap.parse_args(argv)
+    bnb = _quiet_bnb()
+    result = {
+        "bitsandbytes": bnb.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}", "windows": args.windows,
+    }
+    if not args.skip_latency:
+        print("latency", flush=True)
+        result["latency"] = latency_rows(args.reps)
+    if not args.skip_ppl:
+        print("perplexity", flush=True)
+        result["perplexity"] = perplexity_rows(args.windows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{NAME}.md").write_text(_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

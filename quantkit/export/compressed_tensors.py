@@ -1,0 +1,128 @@
+"""Write (and read back) checkpoints in the compressed-tensors layout.
+
+The config is built with compressed-tensors' own pydantic models so field names, defaults
+and dtype serialization match what transformers and vLLM parse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.export import ct_int
+from quantkit.nn.qlinear import QLinear
+
+CHECKPOINT_FILE = "model.safetensors"
+
+
+def codecs() -> dict:
+    table = dict(ct_int.CODECS)
+    try:
+        from quantkit.export import ct_fp4
+    except ImportError:  # the FP4 codecs are optional until that module exists
+        return table
+    table.update(ct_fp4.CODECS)
+    return table
+
+
+def _codec(fmt: str):
+    table = codecs()
+    if fmt not in table:
+        raise QuantkitError(f"format {fmt} has no compressed-tensors layout; known: {', '.join(sorted(table))}")
+    return table[fmt]
+
+
+def scheme_dict(module: QLinear) -> dict:
+    codec = _codec(module.weight_format)
+    qt = module.qweight
+    return {
+        "format": codec.ct_format(module.act_format),
+        "weights": codec.weight_args(qt),
+        "input_activations": codec.act_args(module.act_format),
+    }
+
+
+def quantization_config(model: nn.Module) -> dict:
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups: dict[str, list[str]] = {}
+    schemes: dict[str, dict] = {}
+    ignore = []
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            s = scheme_dict(module)
+            key = json.dumps(s, sort_keys=True)
+            schemes[key] = s
+            groups.setdefault(key, []).append(name)
+        elif isinstance(module, nn.Linear):
+            ignore.append(name)
+    if not groups:
+        raise QuantkitError("no quantized linear layers to export")
+    single = len(groups) == 1
+    config_groups = {}
+    for i, (key, names) in enumerate(groups.items()):
+        s = schemes[key]
+        act = s["input_activations"]
+        config_groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if single else names,
+            weights=QuantizationArgs(**s["weights"]),
+            input_activations=None if act is None else QuantizationArgs(**act),
+            format=s["format"],
+        )
+    formats = {s["format"] for s in schemes.values()}
+    qc = QuantizationConfig(
+        config_groups=config_groups,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    data = qc.model_dump(exclude=["quant_method"])
+    return {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **data}
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Named tensors in the compressed-tensors layout; tied weights stored once."""
+    out: dict[str, torch.Tensor] = {}
+    qnames = []
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            qnames.append(name + ".")
+            codec = _codec(module.weight_format)
+            for suffix, t in codec.to_ct(module.qweight, module.act_format).items():
+                out[f"{name}.{suffix}"] = t
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.detach()
+            if module.input_global_scale is not None:
+                out[f"{name}.input_global_scale"] = module.input_global_scale
+    for key, t in model.state_dict().items():
+        if any(key.startswith(q) for q in qnames):
+            continue
+        out[key] = t
+    if getattr(model.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sorted(out.items())}
+
+
+def save_checkpoint(model: nn.Module, out_dir: Path) -> dict:
+    """Write model.safetensors + config.json (with quantization_config) into out_dir."""
+    tensors = state_dict(model)
+    save_file(tensors, str(Path(out_dir) / CHECKPOINT_FILE), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(model)
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    return config["quantization_config"]

@@ -1,0 +1,92 @@
+"""E2M1 (FP4) elements: round, encode, pack, unpack, decode.
+
+One implementation serves NVFP4 and MXFP4. A code is ``sign << 3 | idx`` where idx 0..7 maps to
+``E2M1_VALUES``. Rounding is to nearest with ties to the even code, saturating at +-6. Two codes
+share a byte: element 2j in the low nibble, 2j+1 in the high nibble (compressed-tensors,
+modelopt, torchao; bitsandbytes is the opposite).
+"""
+
+from __future__ import annotations
+
+import torch
+
+E2M1_MAX = 6.0  # largest E2M1 magnitude, 1.5 * 2**2
+E2M1_EMAX = 2  # exponent of E2M1_MAX; MX scales subtract it from the block's exponent
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+SIGN_BIT = 8  # bit 3 of a code
+
+# idx = number of boundaries strictly below |x|. The midpoints whose tie goes up to the even code
+# (0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0) are moved one fp32 ulp down, so the midpoint itself counts
+# as "above"; the others (0.25 -> 0, 1.25 -> 1.0, 2.5 -> 2.0, 5 -> 4.0) round down as they are.
+_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
+_TIE_UP = (0.75, 1.75, 3.5)
+
+
+def _boundaries() -> torch.Tensor:
+    b = torch.tensor(sorted(_TIE_DOWN + _TIE_UP), dtype=torch.float32)
+    up = torch.tensor([v in _TIE_UP for v in b.tolist()])
+    return torch.where(up, torch.nextafter(b, torch.tensor(0.0)), b)
+
+
+_BOUNDS = _boundaries()  # [7] fp32
+# value of each of the 16 codes, sign in bit 3 (code 8 decodes to -0.0)
+_CODE_LUT = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+# value pair of each of the 256 bytes: [256, 2], column 0 = low nibble = even element
+_BYTE_LUT = torch.stack([_CODE_LUT[torch.arange(256) & 0xF], _CODE_LUT[torch.arange(256) >> 4]], dim=1)
+
+_lut_cache: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
+
+
+def _lut(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype, kind)
+    if key not in _lut_cache:
+        _lut_cache[key] = (_CODE_LUT if kind == "code" else _BYTE_LUT).to(device=device, dtype=dtype)
+    return _lut_cache[key]
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values already divided by their scale -> uint8 codes (one per element).
+
+    Saturates at +-6 (so +-Inf -> +-6), NaN -> code 0, and anything that rounds to zero, including
+    -0.0 and tiny negatives, is code 0 (never 8), as in compressed-tensors' written checkpoints.
+    """
+    x = x.float()
+    idx = torch.bucketize(x.abs(), _BOUNDS.to(x.device)).to(torch.uint8)  # NaN -> 7, fixed below
+    neg = (x < 0) & (idx > 0)
+    codes = idx | (neg.to(torch.uint8) << 3)
+    if not _all_finite_fast(x):
+        codes = torch.where(torch.isnan(x), torch.zeros_like(codes), codes)
+    return codes
+
+
+def _all_finite_fast(x: torch.Tensor) -> bool:
+    # sum is NaN iff some element is NaN or +-Inf (or the sum overflows, which only costs a where)
+    return bool(torch.isfinite(x.sum()))
+
+
+def decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 codes -> values (LUT gather)."""
+    return _lut("code", codes.device, dtype)[codes.long()]
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (ties to even, saturating), as fp32."""
+    return decode(encode(x))
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes [..., n] (n even) -> bytes [..., n/2], element 2j in the low nibble."""
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)  # [..., n/2, 2]
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """bytes [..., n/2] -> codes [..., n]."""
+    pairs = torch.stack([packed & 0xF, packed >> 4], dim=-1)  # [..., n/2, 2]
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """bytes [..., n/2] -> values [..., n] with one gather from a 256-entry byte LUT."""
+    pairs = _lut("byte", packed.device, dtype)[packed.long()]  # [..., n/2, 2]
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)

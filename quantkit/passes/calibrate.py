@@ -1,0 +1,61 @@
+"""`calibrate`: load the calibration buffer and record per-linear input statistics."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from quantkit.calib import load_calib
+from quantkit.passes.base import Pass, register_pass
+
+
+@register_pass
+class Calibrate(Pass):
+    """Calibration buffer + input amax (per tensor and per input column) of every linear."""
+
+    name: ClassVar[str] = "calibrate"
+    summary: ClassVar[str] = "load the calibration buffer; record each linear's input amax"
+    provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats"})
+
+    collect_stats: bool = True
+
+    @torch.inference_mode()
+    def run(self, model: nn.Module, ctx) -> None:
+        cfg = ctx.calib_config
+        ctx.calib = load_calib(
+            ctx.tokenizer, source=cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed
+        )
+        ctx.batch_size = cfg.batch_size
+        if not self.collect_stats:
+            return
+        amax: dict[str, torch.Tensor] = {}
+        col_amax: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def fn(_module, args):
+                x = args[0].detach()
+                cols = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # [in]
+                prev = col_amax.get(name)
+                col_amax[name] = cols if prev is None else torch.maximum(prev, cols)
+
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        try:
+            for batch in ctx.calib_batches():
+                model(input_ids=batch, use_cache=False)
+                if ctx.progress:
+                    ctx.progress(batch.shape[0])
+        finally:
+            for h in handles:
+                h.remove()
+        for name, cols in col_amax.items():
+            amax[name] = cols.max().reshape(1)
+        ctx.stats["act_amax"] = amax
+        ctx.stats["act_col_amax"] = col_amax
+        ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source, linears=len(amax))
+
+    def work_units(self, ctx) -> int:
+        return ctx.calib_config.n_samples if self.collect_stats else 0

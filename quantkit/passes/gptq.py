@@ -1,0 +1,239 @@
+"""`gptq`: GPTQ weight quantization for every quantkit format, layer by layer.
+
+GPTQ (Frantar et al. 2022) quantizes a weight one input column at a time and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
+``H = sum X^T X`` of the layer's calibration inputs. Block formats (NVFP4 16, MXFP4 32, INT4
+groups) fix a block's scale when the first column of the block is reached, from the weights as
+updated so far, as llm-compressor does. The result is an ordinary QTensor: the codes are exactly
+what the loop rounded to, so export is unchanged.
+
+Sequential, like llm-compressor: the inputs of decoder layer i are the outputs of layer i-1 with
+its linears already quantized. Only one layer's activations are held at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import field_validator
+from torch import nn
+
+from quantkit.formats import FORMATS, get_format
+from quantkit.formats.base import Format, QTensor
+from quantkit.formats.fp4 import FP4Format
+from quantkit.formats.int4 import Int4Format
+from quantkit.formats.search import mse_scales
+from quantkit.nn.qlinear import QLinear
+from quantkit.passes.base import Pass, register_pass
+from quantkit.passes.quantize import Quantize, set_module
+from quantkit.targets import Targets
+
+MAX_DAMP_RETRIES = 3  # each retry multiplies the dampening by 10 before giving up on a layer
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the model forward at the first decoder layer."""
+
+
+def group_size(fmt: Format, in_features: int) -> int:
+    if isinstance(fmt, FP4Format):
+        return fmt.block
+    if isinstance(fmt, Int4Format):
+        return fmt.group or in_features
+    raise ValueError(f"gptq does not know the block structure of format {fmt.name}")
+
+
+def _block_scale(fmt: Format, w: torch.Tensor, gs: torch.Tensor | None, observer: str) -> torch.Tensor:
+    """Stored scales [out, nb] for w [out, nb*g] in the weight's dtype."""
+    if observer == "mse":
+        return mse_scales(fmt, w, gs)
+    if isinstance(fmt, FP4Format):
+        return fmt.block_scales(w.reshape(w.shape[0], -1, fmt.block), gs)
+    return fmt.scales(fmt._groups(w))
+
+
+def _qdq_column(fmt: Format, col: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
+    """fp32 quantize-dequantize of one column [out] with its block's scales [out]."""
+    return fmt.qdq_blocks(col[:, None, None], scale[:, None], gs)[:, 0, 0]
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening by damp * mean(diag H)."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def gptq_quantize(
+    fmt: Format,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    observer: str = "minmax",
+) -> tuple[QTensor, dict[str, Any]]:
+    """GPTQ-quantize w [out, in] given H [in, in] (sum of x x^T over calibration tokens)."""
+    out_f, in_f = w.shape
+    g = group_size(fmt, in_f)
+    if isinstance(fmt, FP4Format) and fmt.has_global_scale and global_scale is None:
+        global_scale = fmt.weight_global_scale(w)
+    gs = None if global_scale is None else global_scale.float().reshape(1).to(w.device)
+    block_size = max(g, block_size - block_size % g) if g < in_f else in_f  # blocks hold whole groups
+    W = w.float().clone()
+    h = h.float().clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    damp, hinv = dampening, None
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        try:
+            hinv = _inverse_hessian_factor(h, damp)
+            break
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    if hinv is None:
+        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp}")
+
+    per_channel = g == in_f
+    cur = _block_scale(fmt, W.to(w.dtype), gs, observer) if per_channel else None  # [out, 1]
+    picked: list[torch.Tensor] = [cur] if per_channel else []
+    src = torch.empty_like(W)  # each column as it was when rounded; encode() reproduces the codes
+    loss = torch.zeros(out_f, device=w.device)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0 and not per_channel:  # a new block: fix its scale from the updated weights
+                cur = _block_scale(fmt, W1[:, i : i + g].to(w.dtype), gs, observer)  # [out, 1]
+                picked.append(cur)
+            c = W1[:, i]
+            src[:, col] = c
+            q = _qdq_column(fmt, c, cur[:, 0], gs)
+            d = Hinv1[i, i]
+            loss += (c - q).square() / d.square()
+            err = (c - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    qt = fmt.encode(src, torch.cat(picked, dim=1), gs)  # scales [out, in/g]
+    return qt, {"damp": damp, "loss": float(loss.sum()) / 2}
+
+
+def capture_layer_inputs(model: nn.Module, layer0: nn.Module, batches) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of the first decoder layer for each calibration batch."""
+    store: list[tuple[tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        store.append((args, kwargs))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return store
+
+
+def _layer_forward(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            y = layer(*args, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            outs.append(((y, *args[1:]), kwargs))
+    return outs
+
+
+@register_pass
+class Gptq(Pass):
+    """GPTQ: error-compensating weight quantization from calibration inputs."""
+
+    name: ClassVar[str] = "gptq"
+    summary: ClassVar[str] = "GPTQ weight quantization (any format), layer by layer from calibration inputs"
+    requires: ClassVar[frozenset[str]] = frozenset({"calib"})
+    provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+
+    format: str
+    act_format: str | None = None
+    mode: Literal["fake", "real"] = "real"
+    observer: Literal["minmax", "mse"] = "minmax"
+    targets: Targets = Targets()
+    block_size: int = 128  # columns updated together (lazy batch updates); a multiple of the format block
+    dampening: float = 0.01  # fraction of mean(diag H) added to the diagonal
+
+    @field_validator("format", "act_format")
+    @classmethod
+    def _known_format(cls, v: str | None) -> str | None:
+        if v is not None and v not in FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
+        return v
+
+    def requirements(self) -> frozenset[str]:
+        return self.requires | Quantize(format=self.format, act_format=self.act_format).requirements()
+
+    def run(self, model: nn.Module, ctx) -> None:
+        arch, fmt = ctx.arch, get_format(self.format)
+        names = set(self.targets.select(model, arch))
+        gscales = Quantize(format=self.format, targets=self.targets)._global_scales(model, ctx, sorted(names))
+        act_fmt = None if self.act_format is None else get_format(self.act_format)
+        amax = ctx.stats.get("act_amax", {})
+        layers = arch.layers(model)
+        inputs = capture_layer_inputs(model, layers[0], ctx.calib_batches())
+        losses: dict[str, float] = {}
+        for idx, layer in enumerate(layers):
+            prefix = f"{arch.layers_path}.{idx}."
+            mine = [n for n in names if n.startswith(prefix)]
+            if mine:
+                hessians = self._hessians(model, layer, mine, inputs)
+                for name in sorted(mine):
+                    linear = model.get_submodule(name)
+                    qt, info = gptq_quantize(fmt, linear.weight.detach(), hessians.pop(name), gscales.get(name),
+                                             block_size=self.block_size, dampening=self.dampening, observer=self.observer)
+                    igs = None
+                    if act_fmt is not None and name in amax:
+                        igs = act_fmt.activation_global_scale(amax[name].to(linear.weight.dtype))
+                    set_module(model, name, QLinear(qt, linear.bias, mode=self.mode, act_format=self.act_format,
+                                                    input_global_scale=igs, compute_dtype=linear.weight.dtype))
+                    ctx.quantized[name] = {"format": self.format, "act_format": self.act_format, "mode": self.mode,
+                                           "method": "gptq"}
+                    losses[name] = info["loss"]
+                    if getattr(ctx, "progress", None):
+                        ctx.progress(1)
+            inputs = _layer_forward(layer, inputs)
+        ctx.record(self.name, format=self.format, act_format=self.act_format, mode=self.mode, modules=len(losses),
+                   observer=self.observer, dampening=self.dampening, block_size=self.block_size,
+                   gptq_loss_total=round(sum(losses.values()), 6))
+
+    @staticmethod
+    def _hessians(model: nn.Module, layer: nn.Module, names: list[str], inputs) -> dict[str, torch.Tensor]:
+        """H = sum over calibration tokens of x x^T for each named linear's input, fp32."""
+        hs: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name in names:
+            def hook(_mod, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+                h = x.T @ x
+                hs[name] = h if name not in hs else hs[name] + h
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        try:
+            _layer_forward(layer, inputs)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return hs
+
+    def work_units(self, ctx) -> int:
+        return len(self.targets.select(ctx.model, ctx.arch))

@@ -1,0 +1,145 @@
+"""`llm_int8`: LLM.int8() — vector-wise int8 with 16-bit outlier feature columns.
+
+dynamic (the paper, bitsandbytes): outlier columns are found in every forward from
+``|X| >= threshold``; calibration, when present, is only used to report how many.
+static: the columns whose calibration activations reach the threshold are fixed now, their
+weights kept exactly in 16 bits; deterministic and exportable in quantkit's layout.
+The report gives, per layer, the outlier column count and the share of multiply-adds done
+in 8 bits (the paper: > 99.9% at scale).
+"""
+
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatchcase
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from quantkit.export.quantkit_layout import set_module
+from quantkit.nn.outlier_linear import DEFAULT_THRESHOLD, OutlierLinear
+from quantkit.passes.base import Pass, register_pass
+from quantkit.targets import Targets
+
+ALWAYS_SKIP = ("lm_head", "*.lm_head")  # bitsandbytes' default; the output head stays 16-bit
+
+
+class _OutlierCounter:
+    """Forward pre-hook state: union of outlier columns and per-forward counts."""
+
+    def __init__(self, in_features: int, threshold: float, device: torch.device):
+        self.threshold = threshold
+        self.union = torch.zeros(in_features, dtype=torch.bool, device=device)
+        self.per_forward: list[int] = []
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        hit = x.reshape(-1, x.shape[-1]).abs().amax(dim=0) >= self.threshold  # [in]
+        self.union |= hit
+        self.per_forward.append(int(hit.sum()))
+
+
+@register_pass
+class LlmInt8(Pass):
+    """Replace target linears by OutlierLinear (int8 weights, outlier columns in 16 bits)."""
+
+    name: ClassVar[str] = "llm_int8"
+    summary: ClassVar[str] = "LLM.int8(): vector-wise int8 + 16-bit outlier columns (dynamic or static)"
+    provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+
+    threshold: float = Field(DEFAULT_THRESHOLD, ge=0)  # .inf = no decomposition (bnb's threshold 0)
+    outliers: Literal["dynamic", "static"] = "dynamic"
+    skip_modules: list[str] = []  # globs; lm_head is always skipped
+    targets: Targets = Targets()
+    bnb_compat: bool = False  # bitsandbytes' row scale: zero outlier elements, not columns
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"calib"}) if self.outliers == "static" else self.requires
+
+    def select(self, model: nn.Module, ctx) -> list[str]:
+        skip = (*ALWAYS_SKIP, *self.skip_modules)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = []
+        for name in self.targets.select(model, ctx.arch):
+            module = model.get_submodule(name)
+            if module is head or any(fnmatchcase(name, p) for p in skip):
+                continue
+            names.append(name)
+        return names
+
+    @torch.inference_mode()
+    def _count_outliers(self, model: nn.Module, ctx, names: list[str]) -> dict[str, _OutlierCounter]:
+        counters, handles = {}, []
+        for name in names:
+            module = model.get_submodule(name)
+            counters[name] = _OutlierCounter(module.in_features, self.threshold, module.weight.device)
+            handles.append(module.register_forward_pre_hook(counters[name]))
+        try:
+            for batch in ctx.calib_batches():
+                model(input_ids=batch, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return counters
+
+    def run(self, model: nn.Module, ctx) -> None:
+        names = self.select(model, ctx)
+        measure = ctx.calib is not None and not math.isinf(self.threshold)
+        counters = self._count_outliers(model, ctx, names) if measure else {}
+        layers: dict[str, dict] = {}
+        macs_total = macs_16bit = 0.0
+        for name in names:
+            linear = model.get_submodule(name)
+            counter = counters.get(name)
+            idx = None
+            if self.outliers == "static":
+                idx = counter.union.nonzero().flatten().cpu() if counter else torch.zeros(0, dtype=torch.int64)
+            q = OutlierLinear.from_linear(
+                linear, threshold=self.threshold, outliers=self.outliers, outlier_idx=idx, bnb_compat=self.bnb_compat
+            )
+            set_module(model, name, q)
+            row = self._layer_row(q, counter)
+            layers[name] = row
+            if row["outlier_cols"] is not None:
+                macs_total += q.in_features * q.out_features
+                macs_16bit += row["outlier_cols"] * q.out_features
+            ctx.quantized[name] = {
+                "method": "llm_int8",
+                "threshold": self.threshold,
+                "outliers": self.outliers,
+                "outlier_cols": row["outlier_cols"],
+            }
+            if ctx.progress:
+                ctx.progress(1)
+        ctx.record(
+            self.name,
+            threshold=self.threshold,
+            outliers=self.outliers,
+            bnb_compat=self.bnb_compat,
+            modules=len(names),
+            # dynamic counts are per calibration forward of batch_size x seq_len tokens
+            int8_share=None if macs_total == 0 else 1.0 - macs_16bit / macs_total,
+            layers=layers,
+        )
+
+    def _layer_row(self, q: OutlierLinear, counter: _OutlierCounter | None) -> dict:
+        if math.isinf(self.threshold):
+            return {"outlier_cols": 0, "outlier_cols_max": 0, "int8_share": 1.0}
+        if counter is None:  # dynamic without calibration: nothing measured
+            return {"outlier_cols": None, "outlier_cols_max": None, "int8_share": None}
+        if self.outliers == "static":
+            k = int(q.outlier_idx.numel())
+            return {"outlier_cols": k, "outlier_cols_max": k, "int8_share": 1.0 - k / q.in_features}
+        counts = counter.per_forward or [0]
+        mean = sum(counts) / len(counts)
+        return {
+            "outlier_cols": mean,
+            "outlier_cols_max": max(counts),
+            "outlier_cols_union": int(counter.union.sum()),  # what static mode would fix
+            "int8_share": 1.0 - mean / q.in_features,
+        }
+
+    def work_units(self, ctx) -> int:
+        return len(self.select(ctx.model, ctx))

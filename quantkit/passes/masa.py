@@ -1,0 +1,211 @@
+"""Pass ``masa``: share attention weights across layers through per-role atom dictionaries.
+
+Training-free MASA (algorithms.md §5.3): per projection role and layer group, Matrix PCA
+gives S shared atoms and per-layer coefficients; optionally each layer's coefficients are
+refit and its residual gets a whitened low-rank correction, both in the metric of its own
+calibration inputs. The budget is a reduction ratio of all attention parameters (q, k, v, o),
+residual ranks included; roles not shared count as kept.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from quantkit.analysis import masa_math as mm
+from quantkit.errors import RecipeError, UnsupportedArchitectureError
+from quantkit.nn.dict_linear import AtomBank, DictLinear, banks
+from quantkit.passes.base import Pass, register_pass
+from quantkit.passes.masa_stats import collect_input_grams, logit_lens_boundaries
+
+SHAREABLE_ROLES = ("q", "k", "v", "o")
+
+
+@register_pass
+class Masa(Pass):
+    name: ClassVar[str] = "masa"
+    summary: ClassVar[str] = "share q/k/v/o weights across layers via Matrix-PCA atom dictionaries"
+    provides: ClassVar[frozenset[str]] = frozenset({"masa"})
+
+    roles: list[Literal["q", "k", "v", "o"]] = ["q", "k", "v", "o"]
+    # reduction of all attention parameters (0.2 = 20% fewer); None when `atoms` sets the budget
+    ratio: float | None = Field(0.2, gt=0.0, lt=1.0)
+    atoms: int | None = Field(None, ge=1)  # atoms per (role, group), instead of or with ratio
+    grouping: Literal["uniform", "kl"] = "uniform"
+    group_size: int | None = Field(None, ge=1)  # uniform: layers per group; None = one group
+    n_groups: int = Field(1, ge=1)  # kl: number of groups
+    min_group_size: int = Field(1, ge=1)  # kl: no group smaller than this
+    allocation: Literal["uniform", "greedy"] = "uniform"  # S_G = round(rho |G|), or by energy
+    center: bool = False  # store the mean matrix as an extra atom (counts toward S)
+    refit: bool = False  # re-solve coefficients by whitened least squares
+    residual_share: float = Field(0.0, ge=0.0, lt=1.0)  # kept budget given to whitened residuals
+    rank_floor: dict[str, int] = {}  # minimum residual rank per role, e.g. {"o": 8}
+    damp: float = Field(mm.DEFAULT_DAMP, gt=0.0)
+    kl_max_tokens: int = Field(2048, ge=16)  # tokens used for the logit-lens KL boundaries
+    materialize: bool = True  # DictLinear builds W_l once instead of mixing per forward
+
+    @model_validator(mode="after")
+    def _check_budget(self):
+        if self.ratio is None and self.atoms is None:
+            raise ValueError("masa needs a budget: set ratio or atoms")
+        if self.residual_share and self.ratio is None:
+            raise ValueError("residual_share needs ratio (the residual budget is what atoms leave of it)")
+        if set(self.rank_floor) - set(SHAREABLE_ROLES):
+            raise ValueError(f"rank_floor keys must be among {SHAREABLE_ROLES}")
+        return self
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.refit or self.residual_share > 0
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"calib"}) if self.needs_inputs or self.grouping == "kl" else frozenset()
+
+    def run(self, model: nn.Module, ctx) -> None:
+        arch = ctx.arch
+        missing = [r for r in SHAREABLE_ROLES if r not in arch.roles]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"masa needs separate q/k/v/o projections; {arch.model_type} lacks {', '.join(missing)}"
+            )
+        n_layers = arch.num_layers
+        linears = {(l, r): model.get_submodule(arch.module_name(l, r)) for l in range(n_layers) for r in SHAREABLE_ROLES}
+        for (l, r), lin in linears.items():
+            if r in self.roles and not isinstance(lin, nn.Linear):
+                raise RecipeError(f"masa: {arch.module_name(l, r)} is {type(lin).__name__}, not a plain Linear")
+        shapes = {r: tuple(linears[0, r].weight.shape) for r in SHAREABLE_ROLES}
+        total = sum(mm.dense_params(*shapes[r], n_layers) for r in SHAREABLE_ROLES)
+        unshared = sum(mm.dense_params(*shapes[r], n_layers) for r in SHAREABLE_ROLES if r not in self.roles)
+
+        groups = self._groups(model, ctx, n_layers)
+        weights = {r: torch.stack([linears[l, r].weight.detach().double().cpu() for l in range(n_layers)]) for r in self.roles}
+        full = {
+            (r, g): mm.matrix_pca(weights[r][idx], len(idx) + self.center, center=self.center)
+            for r in self.roles for g, idx in enumerate(groups)
+        }
+        role_shapes = {r: shapes[r] for r in self.roles}
+        kept = None if self.ratio is None else int((1 - self.ratio) * total) - unshared
+        if kept is not None and kept <= 0:
+            raise RecipeError(f"masa: ratio {self.ratio} leaves no budget for the shared roles {self.roles}")
+        plan = self._plan_atoms(role_shapes, groups, full, kept)
+        atoms_cost = mm.atoms_cost(role_shapes, groups, plan)
+        if kept is not None and atoms_cost > kept:
+            raise RecipeError(
+                f"masa: {self.atoms} atoms per group cost {atoms_cost} parameters, over the budget {kept} "
+                f"of ratio {self.ratio}; lower atoms or ratio"
+            )
+
+        # per (layer, role): atoms (shared tensor), coefficients, residual factors
+        fits: dict[tuple[int, str], dict] = {}
+        grams = collect_input_grams(model, ctx, arch, self.roles, self.damp) if self.needs_inputs else {}
+        bank_objs: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+        for (r, g), res in full.items():
+            s = plan[r, g]
+            atoms = res.atoms[:s]
+            bank_objs[r, g] = (f"{r}_{g}", atoms)
+            for i, l in enumerate(groups[g]):
+                c = res.coeffs[i, :s]
+                if self.refit:
+                    c = mm.refit_coeffs(atoms, weights[r][l], grams[l, r])
+                fits[l, r] = {"group": g, "coeffs": c, "delta": weights[r][l] - mm.reconstruct(atoms, c[None])[0]}
+
+        ranks = {}
+        if self.residual_share > 0:
+            ranks = self._residuals(fits, grams, role_shapes, kept - atoms_cost)
+        self._install(model, arch, linears, fits, bank_objs, ranks)
+        self._report(ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights)
+
+    # ------------------------------------------------------------------ steps
+
+    def _groups(self, model, ctx, n_layers: int) -> list[list[int]]:
+        if self.grouping == "uniform":
+            return mm.uniform_groups(n_layers, self.group_size or n_layers)
+        scores = logit_lens_boundaries(model, ctx, self.kl_max_tokens)
+        ctx.record(self.name, kl_boundaries=[round(float(s), 5) for s in scores])
+        return mm.kl_groups(scores, min(self.n_groups, n_layers), self.min_group_size)
+
+    def _plan_atoms(self, shapes, groups, full, kept) -> dict:
+        if self.atoms is not None:
+            return {key: min(self.atoms, res.atoms.shape[0]) for key, res in full.items()}
+        atom_budget = int((1 - self.residual_share) * kept)
+        if self.allocation == "greedy":
+            sig = {key: res.singular_values for key, res in full.items()}
+            plan = mm.plan_atoms_greedy(shapes, groups, sig, atom_budget)
+        else:
+            plan = mm.plan_atoms_uniform(shapes, groups, atom_budget)
+        if mm.atoms_cost(shapes, groups, plan) > kept:
+            raise RecipeError(f"masa: ratio {self.ratio} is too high for one atom per role and group")
+        # rank deficiency (e.g. identical layers) can leave fewer atoms than planned
+        return {key: min(s, full[key].atoms.shape[0]) for key, s in plan.items()}
+
+    def _residuals(self, fits, grams, shapes, budget: int) -> dict:
+        svds, spectra, costs, energy = {}, {}, {}, {}
+        for key, fit in fits.items():
+            u, s, vt, r = mm.whitened_svd(fit["delta"], grams[key])
+            svds[key], spectra[key] = (u, s, vt, r), s
+            costs[key] = sum(shapes[key[1]])
+            energy[key] = float((s**2).sum())
+        floors = {key: self.rank_floor.get(key[1], 0) for key in fits}
+        ranks = mm.allocate_ranks(spectra, costs, max(budget, 0), floors, energy)
+        for key, rank in ranks.items():
+            if rank:
+                fits[key]["residual"] = mm.lowrank_from_whitened(*svds[key], rank)
+        return ranks
+
+    def _install(self, model, arch, linears, fits, bank_objs, ranks) -> None:
+        container = banks(model)
+        bank_by_group = {}
+        for (r, g), (key, atoms) in bank_objs.items():
+            dtype, device = linears[0, r].weight.dtype, linears[0, r].weight.device
+            if key in container:
+                raise RecipeError(f"masa: model already has an atom bank {key!r}; run masa once per model")
+            container[key] = AtomBank(atoms.to(device, dtype))
+            bank_by_group[r, g] = (key, container[key])
+        for (l, r), fit in fits.items():
+            lin = linears[l, r]
+            key, bank = bank_by_group[r, fit["group"]]
+            a, b = fit.get("residual", (None, None))
+            wd = dict(device=lin.weight.device, dtype=lin.weight.dtype)
+            module = DictLinear(
+                bank,
+                f"masa_banks.{key}",
+                fit["coeffs"].to(lin.weight.device),
+                lin.bias,
+                None if a is None else a.to(**wd),
+                None if b is None else b.to(**wd),
+                materialize=self.materialize,
+            )
+            name = arch.module_name(l, r)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+
+    def _report(self, ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights) -> None:
+        stored = unshared + sum(b.atoms.numel() for b in banks(model).values())
+        stored += sum(m.stored_params() for m in model.modules() if isinstance(m, DictLinear))
+        rel_err, w_err = [], []
+        for (l, r), fit in fits.items():
+            delta = fit["delta"]
+            if "residual" in fit:
+                a, b = fit["residual"]
+                delta = delta - a @ b
+            rel_err.append(float(delta.norm() / weights[r][l].norm()))
+            if grams:
+                w_err.append(float(mm.whitened_error(delta, grams[l, r]) / mm.whitened_error(weights[r][l], grams[l, r])))
+        ctx.record(
+            self.name,
+            groups=groups,
+            atoms={f"{r}_{g}": s for (r, g), s in plan.items()},
+            residual_rank_total={r: sum(k for (_, rr), k in ranks.items() if rr == r) for r in self.roles},
+            attention_params=total,
+            stored_params=stored,
+            reduction=round(mm.reduction(total, stored), 5),
+            mean_rel_frobenius_error=round(sum(rel_err) / len(rel_err), 5),
+            **({"mean_rel_whitened_error": round(sum(w_err) / len(w_err), 5)} if w_err else {}),
+        )
+        ctx.quantized.update(
+            {ctx.arch.module_name(l, r): {"method": "masa", "atoms": plan[r, f["group"]], "rank": ranks.get((l, r), 0)}
+             for (l, r), f in fits.items()}
+        )

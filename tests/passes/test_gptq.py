@@ -1,0 +1,97 @@
+"""GPTQ: equals RTN without correlations, beats RTN with them, and runs as a pass on a tiny Llama."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantkit.arch import arch_info
+from quantkit.context import Context
+from quantkit.formats import get_format
+from quantkit.nn.qlinear import QLinear
+from quantkit.passes.gptq import Gptq, gptq_quantize
+
+FORMATS = ["nvfp4", "mxfp4", "int4", "int4_ch"]
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)  # [n, d]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_identity_hessian_gives_round_to_nearest_codes(name):
+    fmt = get_format(name)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    qt, _ = gptq_quantize(fmt, w, torch.eye(128))
+    ref = fmt.quantize(w)
+    assert torch.equal(qt.codes, ref.codes) and torch.equal(qt.scale.view(torch.uint8), ref.scale.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_output_error_is_below_round_to_nearest_on_correlated_inputs(name):
+    fmt = get_format(name)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    x = _correlated_inputs(2048, 128)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x)
+    err_gptq = (x @ (fmt.dequantize(qt) - w).T).norm()
+    err_rtn = (x @ (fmt.fake(w) - w).T).norm()
+    assert err_gptq < err_rtn
+
+
+def test_given_global_scale_is_kept():
+    fmt = get_format("nvfp4")
+    w = torch.randn(16, 64)
+    gs = fmt.weight_global_scale(w) / 2
+    qt, _ = gptq_quantize(fmt, w, torch.eye(64), gs)
+    assert qt.global_scale.item() == gs.item()
+
+
+def test_dead_input_columns_quantize_to_zero():
+    fmt = get_format("nvfp4")
+    x = _correlated_inputs(512, 64)
+    x[:, :16] = 0  # never-active inputs
+    qt, _ = gptq_quantize(fmt, torch.randn(8, 64), x.T @ x)
+    assert (fmt.dequantize(qt)[:, :16] == 0).all()
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ctx(model) -> Context:
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    return Context(model=model, tokenizer=None, arch=arch_info(model), device=torch.device("cpu"), calib=calib)
+
+
+def test_pass_replaces_every_block_linear_with_a_qlinear():
+    model = _tiny_llama()
+    ctx = _ctx(model)
+    Gptq(format="nvfp4", mode="fake").run(model, ctx)
+    linears = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
+    assert len(linears) == 2 * 7 and all(ctx.quantized[n]["method"] == "gptq" for n in linears)
+
+
+def test_pass_shares_the_global_scale_across_q_k_v():
+    model = _tiny_llama()
+    Gptq(format="nvfp4").run(model, _ctx(model))
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight_global_scale == attn.k_proj.weight_global_scale == attn.v_proj.weight_global_scale
+
+
+def test_pass_output_is_closer_to_the_original_than_round_to_nearest():
+    from quantkit.passes.quantize import Quantize
+
+    ref_model, ids = _tiny_llama(), torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    errs = {}
+    for p in (Gptq(format="int4_ch", mode="fake"), Quantize(format="int4_ch", mode="fake")):
+        model = _tiny_llama()
+        p.run(model, _ctx(model))
+        with torch.no_grad():
+            errs[p.name] = (model(ids).logits - ref).norm().item()
+    assert errs["gptq"] < errs["quantize"]
