@@ -6,7 +6,7 @@ weight-only unless the config names an activation format). Perplexity uses
 quantkit.eval.perplexity on the held-out split, the same windows for every config.
 
     python bench/bench_fp4_quality.py [--windows 8] [--configs nvfp4,mxfp4_even,...]
-writes bench/results/fp4_quality.json and .md.
+writes bench/results/<--name, default fp4_quality>.json and .md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,7 @@ from quantkit.eval import perplexity
 from quantkit.formats import get_format
 from quantkit.formats.search import mse_quantize
 from quantkit.models import load_model
+from quantkit.passes.quantize import Quantize
 from quantkit.targets import Targets
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,78 +38,101 @@ CONFIGS = {
     "mxfp4_ceil": ("mxfp4_ceil", "minmax", None),
     "mxfp4_mse": ("mxfp4", "mse", None),
     "int4": ("int4", "minmax", None),
+    "nvfp4_gptq": ("nvfp4", "gptq", None),
+    "mxfp4_gptq": ("mxfp4", "gptq", None),
 }
-
-
-def shared_global_scales(model, arch, names: list[str], fmt) -> dict[str, torch.Tensor]:
-    """Per-linear global scale; fused groups (q/k/v, gate/up) take their minimum (vLLM needs one)."""
-    gs = {n: fmt.weight_global_scale(model.get_submodule(n).weight.detach()) for n in names}
-    if next(iter(gs.values()), None) is None:
-        return gs
-    for layer in range(arch.num_layers):
-        for group in arch.fused_groups(layer):
-            members = [n for n in group if n in gs]
-            if members:
-                low = torch.stack([gs[n] for n in members]).amin(0)
-                for n in members:
-                    gs[n] = low
-    return gs
+CALIB = {"n_samples": 16, "seq_len": 512}  # GPTQ calibration, the recipes' default
 
 
 def quantize_weights(model, fmt_name: str, observer: str) -> dict[str, float]:
-    """Fake-quantize every target linear in place; returns squared-error sums for the report."""
+    """Fake-quantize every target linear of the bf16 model; weights come back as fp32 in place.
+
+    Scales are computed on the bf16 weights (the checkpoint's dtype, as export does); the
+    dequantized weights are kept in fp32 so the fp32 forward sees them unrounded.
+    """
     arch = arch_info(model)
     fmt = get_format(fmt_name)
     names = Targets().select(model, arch)
-    gs = shared_global_scales(model, arch, names, fmt)
-    err, ref = 0.0, 0.0
+    # the quantize pass's own rule: fused q/k/v and gate/up share the minimum global scale
+    gs = Quantize(format=fmt_name)._global_scales(model, SimpleNamespace(arch=arch), names)
+    deq, err, ref = {}, 0.0, 0.0
     for n in names:
-        lin = model.get_submodule(n)
-        w = lin.weight.detach().to(torch.bfloat16)  # the checkpoint's own dtype
-        qt = mse_quantize(fmt, w, gs[n]) if observer == "mse" else fmt.quantize(w, gs[n])
-        deq = fmt.dequantize(qt, torch.float32)
-        err += (deq - w.float()).square().sum().item()
+        w = model.get_submodule(n).weight.detach()
+        qt = mse_quantize(fmt, w, gs.get(n)) if observer == "mse" else fmt.quantize(w, gs.get(n))
+        deq[n] = fmt.dequantize(qt, torch.float32)
+        err += (deq[n] - w.float()).square().sum().item()
         ref += w.float().square().sum().item()
-        lin.weight.data.copy_(deq.to(lin.weight.dtype))
+    model.float()
+    for n, d in deq.items():
+        model.get_submodule(n).weight.data.copy_(d)
     return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(names)}
+
+
+def gptq_weights(model, tok, fmt_name: str) -> dict[str, float]:
+    """Run the gptq pass (fake mode) on the model; weight error against the original weights."""
+    from quantkit.calib import load_calib
+    from quantkit.context import Context
+    from quantkit.nn.qlinear import QLinear
+    from quantkit.passes.gptq import Gptq
+
+    arch = arch_info(model)
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in Targets().select(model, arch)}
+    ctx = Context(model=model, tokenizer=tok, arch=arch, device=torch.device("cpu"), calib=load_calib(tok, **CALIB))
+    Gptq(format=fmt_name, mode="fake").run(model, ctx)
+    err = ref = 0.0
+    for n, w in originals.items():
+        q = model.get_submodule(n)
+        assert isinstance(q, QLinear)
+        err += (q.dequantized_weight(torch.float32) - w.float()).square().sum().item()
+        ref += w.float().square().sum().item()
+    return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(originals), **CALIB}
 
 
 def run_config(name: str, windows: int) -> dict:
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
-    model = model.float().eval()
+    model.eval()
     row = {"config": name}
     t = time.time()
-    if name != "bf16":
+    if name == "bf16":
+        model.float()  # bf16 weights, fp32 compute: the same forward as every quantized config
+    else:
         fmt_name, observer, _act = CONFIGS[name]
-        row.update(format=fmt_name, observer=observer, **quantize_weights(model, fmt_name, observer))
+        if observer == "gptq":
+            stats = gptq_weights(model.float(), tok, fmt_name)
+        else:
+            stats = quantize_weights(model, fmt_name, observer)
+        row.update(format=fmt_name, observer=observer, **stats)
     row["quantize_s"] = round(time.time() - t, 1)
+    t = time.time()
     row["ppl"] = perplexity(model, tok, seq_len=512, max_windows=windows)
+    row["ppl_s"] = round(time.time() - t, 1)
     return row
 
 
-def write(rows: list[dict], windows: int) -> None:
+def write(rows: list[dict], windows: int, name: str = "fp4_quality") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = next((r["ppl"] for r in rows if r["config"] == "bf16"), None)
     out = {"model": "smollm2-135m", "eval": f"held-out split, {windows} windows x 512 tokens", "rows": rows}
-    (RESULTS / "fp4_quality.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     lines = [f"# FP4/INT4 weight-only quality, SmolLM2-135M ({out['eval']})", "",
              "| config | weight rel. error | ppl | ppl / bf16 |", "|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ppl'] / base:.3f}" if base else "-"
         lines.append(f"| {r['config']} | {r.get('weight_rel_err', 0):.4f} | {r['ppl']:.2f} | {ratio} |")
-    (RESULTS / "fp4_quality.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--configs", default="bf16," + ",".join(CONFIGS))
+    p.add_argument("--name", default="fp4_quality", help="results file stem under bench/results/")
     args = p.parse_args(argv)
     rows = []
     for name in args.configs.split(","):
         rows.append(run_config(name, args.windows))
         print(json.dumps(rows[-1]), flush=True)
-        write(rows, args.windows)
+        write(rows, args.windows, args.name)
     return rows
 
 

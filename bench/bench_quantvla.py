@@ -5,7 +5,7 @@ recipes' layout is applied (every decoder linear; SmolLM2 has no DiT), then ATM 
 scope llm. Each variant is compared with the layout-only peer measured in the same run:
 mean token KL vs the bf16->fp32 original on held-out windows, and perplexity.
 
-    .venv/bin/python bench/bench_quantvla.py [--calib-samples 8 --calib-len 256 --eval-windows 12 --eval-len 256]
+    .venv/bin/python bench/bench_quantvla.py [--calib-samples 4 --calib-len 256 --eval-windows 8 --eval-len 256]
 
 Writes bench/results/quantvla.json and quantvla.md.
 """
@@ -115,9 +115,9 @@ def write(rows: list[dict], meta: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--eval-windows", type=int, default=12)
+    ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args(argv)

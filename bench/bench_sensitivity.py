@@ -3,8 +3,8 @@
 1. Full component + block sweep (ALL + 7 + 30 runs) at 16 x 512 held-out tokens, NVFP4 and
    MXFP4, weights only: wall time and process CPU time (the machine may be shared; CPU time / 2
    cores is what an idle 2-core machine would approach). The peer is the naive sweep that
-   re-runs the whole model for every run (no block replay), timed on a few runs in the same
-   process and extrapolated to the same 38 runs.
+   re-runs the whole model for every run (no block replay): every run costs what a component
+   run costs (those start at block 0 either way), measured in the same sweep.
 2. Budget recipe: at the average bits of uniform NVFP4 (and at 5 bits), the sensitivity-guided
    mixed-format assignment vs uniform NVFP4 vs a blind assignment (same budget, every module
    equally sensitive), measured on held-out windows disjoint from the sweep's.
@@ -22,11 +22,19 @@ from pathlib import Path
 
 import torch
 
-from quantkit.analysis.budget import average_bits, measure_choice, plan_budget
+from quantkit.analysis import checks as C
+from quantkit.analysis.budget import (
+    CANDIDATES,
+    SAME_BITS_CANDIDATES,
+    average_bits,
+    measure_choice,
+    plan_budget,
+    recipe_yaml,
+)
 from quantkit.analysis.checks import add_cross_format_check
 from quantkit.analysis.report import write_reports
-from quantkit.analysis.sensitivity import run_sensitivity, sweep_tokens
-from quantkit.analysis.sweep import Sweep
+from quantkit.analysis.sensitivity import SensitivityResult, run_sensitivity, sweep_tokens
+from quantkit.analysis.sweep import TOPK, Sweep
 from quantkit.arch import arch_info
 from quantkit.formats import get_format
 from quantkit.models import load_model
@@ -35,7 +43,6 @@ from quantkit.targets import Targets
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "sensitivity"
 NAME = "sensitivity"
-NAIVE_PROBES = ("block:29", "block:15", "block:1")  # runs timed without replay for the peer estimate
 EXTRA_BUDGET = 5.0  # a second budget point, bits per weight
 
 
@@ -43,30 +50,12 @@ def _sweep(model, tok, fmt: str, args, out_dir: Path) -> tuple[object, dict]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = run_sensitivity(model, tok, format=fmt, mode="w4a16", isolation="component,block", metric="kl",
                              samples=args.samples, seq_len=args.seq_len, out_dir=out_dir, resume=True,
-                             progress=True, model_name="smollm2-135m")
+                             progress=True, model_name="smollm2-135m", threads=args.threads)
+    full = [r.seconds for r in result.runs_of("component")] + [result.run("all").seconds]
     timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-              "runs": len(result.runs), "runs_s": result.timings["runs_s"], "reference_s": result.timings["reference_s"]}
+              "runs": len(result.runs), "runs_s": result.timings["runs_s"], "reference_s": result.timings["reference_s"],
+              "naive_runs_s": sum(full) / len(full) * len(result.runs)}
     return result, timing
-
-
-def _naive_estimate(model, tok, args) -> dict:
-    """Seconds per run without replay, measured on a few block runs (their cost with replay varies most)."""
-    arch = arch_info(model)
-    names = Targets().select(model, arch)
-    tokens = sweep_tokens(model, tok, args.samples, args.seq_len)
-    model.float()
-    sweep = Sweep(model, arch, get_format("nvfp4"), tokens, names, act_quant=False)
-    sweep.reference()
-    out = {}
-    for rid in NAIVE_PROBES:
-        b = int(rid.split(":")[1])
-        mods = [n for n in names if arch.role_of(n)[0] == b]
-        for replay in (False, True):
-            sweep.replay = replay
-            m = sweep.measure(mods)
-            out[f"{rid} replay={replay}"] = m.seconds
-    model.to(torch.bfloat16)
-    return out
 
 
 def _budget(model, tok, result, args) -> dict:
@@ -80,9 +69,12 @@ def _budget(model, tok, result, args) -> dict:
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     uniform = {n: result.format for n in names}
     rows = {"uniform": {"budget": None, "choice": uniform}}
-    for budget in (average_bits(uniform, shapes), EXTRA_BUDGET):
-        plan = plan_budget(result, model, arch, names, budget)
+    # at uniform NVFP4's own bits, upgrades must be paid for with MXFP4; at 5 bits only upgrades
+    for budget, formats in ((average_bits(uniform, shapes), SAME_BITS_CANDIDATES), (EXTRA_BUDGET, CANDIDATES)):
+        plan = plan_budget(result, model, arch, names, budget, list(formats))
         rows[f"guided@{budget:.4g}"] = {"budget": budget, "choice": plan["guided"]}
+        recipe = recipe_yaml(plan["guided"], act_quant=False, name=f"smollm2-nvfp4-mixed-{budget:.4g}bits")
+        (RESULTS / "sensitivity_nvfp4" / f"recipe_budget_{budget:.3g}bits.yaml").write_text(recipe)
         rows[f"blind@{budget:.4g}"] = {"budget": budget, "choice": plan["blind"]}
     out = {}
     for label, row in rows.items():
@@ -97,23 +89,77 @@ def _budget(model, tok, result, args) -> dict:
     return out
 
 
+def _topk_kl_check(model, tok, args) -> dict:
+    """Compact (top-256 + tail) vs full-vocabulary KL for the ALL run on one held-out window."""
+    from quantkit.analysis import sweep as S
+
+    arch = arch_info(model)
+    names = Targets().select(model, arch)
+    tokens = sweep_tokens(model, tok, 1, args.seq_len)
+    model.float()
+    out = {}
+    for label, full_max in (("compact", S.FULL_VOCAB_MAX), ("full", 10**9)):
+        saved, S.FULL_VOCAB_MAX = S.FULL_VOCAB_MAX, full_max
+        try:
+            sw = Sweep(model, arch, get_format("nvfp4"), tokens, names, act_quant=False)
+            sw.reference()
+            out[label] = sw.measure(names).kl
+        finally:
+            S.FULL_VOCAB_MAX = saved
+    model.to(torch.bfloat16)
+    out["compact_over_full"] = out["compact"] / out["full"]
+    print("topk", out, flush=True)
+    return out
+
+
+def _reuse(model, tok, args) -> dict:
+    """Re-render saved sweeps with the current report code, then redo the budget comparison."""
+    data = json.loads((RESULTS / f"{NAME}.json").read_text())
+    dirs = {"nvfp4": RESULTS / "sensitivity_nvfp4", "mxfp4": WORK / "sensitivity_mxfp4"}
+    results = {f: SensitivityResult.from_dict(json.loads((d / "sensitivity.json").read_text()))
+               for f, d in dirs.items() if (d / "sensitivity.json").exists()}
+    for r in results.values():
+        r.checks = C.single_result_checks(r) + C.cross_model_checks(r, None)
+    add_cross_format_check(list(results.values()))
+    for f, r in results.items():
+        write_reports(r, dirs[f])
+    data["checks"] = _checks(results)
+    data["kl_topk_check"] = _topk_kl_check(model, tok, args)
+    _save(data)
+    data["budget_samples"] = args.budget_samples
+    data["budget"] = _budget(model, tok, results["nvfp4"], args)
+    _save(data)
+    return data
+
+
+def _checks(results: dict) -> dict[str, dict[str, str]]:
+    checks: dict[str, dict[str, str]] = {}
+    for fmt, r in results.items():
+        for c in r.checks:
+            checks.setdefault(c.id, {})[fmt] = f"{c.passed} ({c.detail})"
+    return checks
+
+
 def _markdown(data: dict) -> str:
     lines = [f"# sensitivity sweep, SmolLM2-135M, {data['samples']} x {data['seq_len']} tokens, {data['machine']}", "",
+             f"Run KL from the reference's top-{data.get('kl_topk', '?')} tokens plus one tail bucket.", "",
              "| format | runs | wall s | CPU s | CPU s / 2 cores | FP PPL | ALL PPL | ALL KL | top component | top block |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for fmt, s in data["sweeps"].items():
         lines.append(f"| {fmt} | {s['runs']} | {s['wall_s']:.0f} | {s['cpu_s']:.0f} | {s['cpu_s'] / 2:.0f} | "
                      f"{s['ppl_fp']:.3f} | {s['ppl_all']:.3f} | {s['kl_all']:.4f} | {s['top_component']} | {s['top_block']} |")
-    if data.get("naive"):
-        lines += ["", "Peer (no block replay) vs replay, seconds per block run:", "",
-                  "| run | naive s | replay s | ratio |", "|---|---|---|---|"]
-        for rid in NAIVE_PROBES:
-            a, b = data["naive"][f"{rid} replay=False"], data["naive"][f"{rid} replay=True"]
-            lines.append(f"| {rid} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    lines += ["", "Peer: the naive sweep (every run recomputes all blocks) vs block replay, summed run seconds:", "",
+              "| format | naive s (est.) | replay s | ratio |", "|---|---|---|---|"]
+    for fmt, s in data["sweeps"].items():
+        lines.append(f"| {fmt} | {s['naive_runs_s']:.0f} | {s['runs_s']:.0f} | {s['naive_runs_s'] / s['runs_s']:.2f}x |")
     if data.get("checks"):
         lines += ["", "| check | nvfp4 | mxfp4 |", "|---|---|---|"]
         for cid, row in data["checks"].items():
             lines.append(f"| {cid} | {row.get('nvfp4', '')} | {row.get('mxfp4', '')} |")
+    if data.get("kl_topk_check"):
+        k = data["kl_topk_check"]
+        lines += ["", f"KL from the compact reference (top-256 + tail) vs full vocabulary, ALL nvfp4, 1 window: "
+                  f"{k['compact']:.5f} vs {k['full']:.5f} (ratio {k['compact_over_full']:.4f})"]
     if data.get("budget"):
         lines += ["", f"Budget recipes on {data['budget_samples']} held-out windows disjoint from the sweep's:", "",
                   "| assignment | avg bits | PPL | KL | modules per format |", "|---|---|---|---|---|"]
@@ -136,12 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--formats", default="nvfp4,mxfp4")
     ap.add_argument("--budget-samples", type=int, default=8)
     ap.add_argument("--skip-budget", action="store_true")
-    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="budget only: reuse the saved nvfp4 sweep and timings")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 is far faster on a shared, busy CPU")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
     data: dict = {"samples": args.samples, "seq_len": args.seq_len, "budget_samples": args.budget_samples,
-                  "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                  "sweeps": {}}
+                  "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
+                  "sweeps": {}, "kl_topk": TOPK}
+    if args.reuse:
+        return _reuse(model, tok, args)
     results = {}
     for fmt in args.formats.split(","):
         out_dir = RESULTS / f"sensitivity_{fmt}" if fmt == "nvfp4" else WORK / f"sensitivity_{fmt}"
@@ -153,22 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
                                "top_block": result.ranking("block")[0].block,
                                "components": result.component_scores(), "blocks": result.block_scores()}
         _save(data)
+        if fmt == "nvfp4" and not args.skip_budget:
+            data["budget"] = _budget(model, tok, result, args)
+            _save(data)
     if len(results) > 1:
         add_cross_format_check([r for r, _ in results.values()])
         for r, d in results.values():
             write_reports(r, d)
-    checks: dict[str, dict[str, str]] = {}
-    for fmt, (r, _) in results.items():
-        for c in r.checks:
-            checks.setdefault(c.id, {})[fmt] = f"{c.passed} ({c.detail})"
-    data["checks"] = checks
+    data["checks"] = _checks({f: r for f, (r, _) in results.items()})
     _save(data)
-    if not args.skip_naive:
-        data["naive"] = _naive_estimate(model, tok, args)
-        _save(data)
-    if not args.skip_budget and "nvfp4" in results:
-        data["budget"] = _budget(model, tok, results["nvfp4"][0], args)
-        _save(data)
     return data
 
 

@@ -93,6 +93,8 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
+        if not text.strip():
+            continue
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
@@ -115,6 +117,8 @@ def load_calib(tokenizer, *, source: str = DEFAULT_SOURCE, n_samples: int = 16, 
         if path.exists():
             return load_file(path)["input_ids"]
         stream = token_stream(tokenizer, read_texts(source, "calib"))
+        if stream.numel() == 0:
+            raise CalibrationError(f"calibration text {source} is empty; {n_samples} x {seq_len} tokens are needed")
         n_windows = stream.numel() // seq_len
         if n_windows < n_samples:
             raise CalibrationError(

@@ -80,7 +80,7 @@ def make_progress(enabled: bool):
     """A progress factory for the pipeline: rich bars with ETA on stderr."""
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console,
-                        disable=not enabled, transient=False)
+                        disable=not enabled, transient=True)
 
     @contextmanager
     def factory(description: str, total: int):

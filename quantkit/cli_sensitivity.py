@@ -11,7 +11,8 @@ import typer
 
 from quantkit.errors import OutputExistsError
 
-FormatOpt = Annotated[str, typer.Option("--format", help="nvfp4, mxfp4, int8 or int4; a comma list sweeps each (nvfp4,mxfp4 evaluates C3)")]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", help="nvfp4, mxfp4, int8 or int4; a comma list sweeps each (nvfp4,mxfp4 evaluates C3)")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="w4a16 (weights only) or w4a4 (linear inputs too)")]
 IsolationOpt = Annotated[str, typer.Option("--isolation", help="comma list of component, block, block-complement, grid")]
 MetricOpt = Annotated[str, typer.Option("--metric", help="ranking metric: kl (mean token KL) or ppl (dPPL)")]
@@ -19,7 +20,8 @@ SamplesOpt = Annotated[int, typer.Option("--samples", help="held-out windows mea
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="tokens per window")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="report directory; one subfolder per format and mode")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the partial result in the output folder")]
-BudgetOpt = Annotated[Optional[float], typer.Option("--budget-bits", help="also write a mixed-format recipe averaging <= B bits/weight")]
+BudgetOpt = Annotated[Optional[float], typer.Option(
+    "--budget-bits", help="also write a mixed-format recipe averaging <= B bits/weight")]
 CompareOpt = Annotated[Optional[Path], typer.Option("--compare", help="sensitivity.json of another model, for check C4")]
 TopOpt = Annotated[int, typer.Option("--top", help="rows in the most-sensitive table")]
 
@@ -38,8 +40,9 @@ def sensitivity(
     compare: CompareOpt = None,
     top: TopOpt = 10,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing reports")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own Python code to run")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code to run")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout; tables go to stderr")] = False,
 ) -> None:
     """Which components and blocks of MODEL hurt most when quantized to FORMAT."""
@@ -50,7 +53,7 @@ def sensitivity(
 
         from quantkit.analysis.checks import add_cross_format_check
         from quantkit.analysis.report import to_json, write_reports
-        from quantkit.analysis.sensitivity import SensitivityError, SensitivityResult, parse_isolation, run_sensitivity
+        from quantkit.analysis.sensitivity import SensitivityError, parse_isolation, run_sensitivity
         from quantkit.formats import get_format
         from quantkit.models import load_model
 
@@ -71,6 +74,7 @@ def sensitivity(
             results.append(run_sensitivity(
                 net, tok, format=f, mode=mode, isolation=isolation, metric=metric, samples=samples, seq_len=seq_len,
                 out_dir=dirs[f], resume=resume, budget_bits=budget_bits, progress=True, model_name=model, compare=other,
+                threads=threads,
             ))
         if len(results) > 1:
             add_cross_format_check(results)
@@ -80,7 +84,8 @@ def sensitivity(
         for f, r in zip(formats, results):
             _print(console, r, top, dirs[f])
         if as_json:
-            sys.stdout.write("[" + ",\n".join(to_json(r) for r in results) + "]\n" if len(results) > 1 else to_json(results[0]) + "\n")
+            text = to_json(results[0]) if len(results) == 1 else "[" + ",\n".join(to_json(r) for r in results) + "]"
+            sys.stdout.write(text + "\n")
 
 
 def _load_compare(path: Path):
@@ -106,7 +111,8 @@ def _print(console, result, top: int, out_dir: Path) -> None:
         table.add_row(*row)
     console.print(table)
     for c in result.checks:
-        verdict = {True: "[green]pass[/green]", False: "[yellow]not reproduced[/yellow]", None: "[dim]not evaluated[/dim]"}[c.passed]
+        verdict = {True: "[green]pass[/green]", False: "[yellow]not reproduced[/yellow]",
+                   None: "[dim]not evaluated[/dim]"}[c.passed]
         console.print(f"{c.id} {verdict}: {c.claim} ({c.detail})", highlight=False)
     if result.budget:
         g = result.budget["compare"]["guided"]

@@ -16,8 +16,21 @@ from quantkit.arch import ArchInfo
 DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*norm*", "*.router", "*.mlp.gate", "*.block_sparse_moe.gate")
 
 
+try:  # GPT-2 style blocks use Conv1D: a linear with its weight stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_weight(module: nn.Module):
+    """The weight as [out, in], whatever the module stores."""
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
 
 
 class Targets(BaseModel):

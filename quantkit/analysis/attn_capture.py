@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 # child names, tried in order; fused projections hold q in their first H*d output rows
 Q_NAMES = ("q_proj", "to_q", "query", "q")
@@ -61,7 +61,7 @@ def find_attention_sites(model: nn.Module) -> list[AttnSite]:
     return sites
 
 
-def _valid_mask(mask: torch.Tensor | None, causal: bool, b: int, heads: int, sq: int, sk: int, device) -> torch.Tensor | None:
+def _valid_mask(mask: torch.Tensor | None, causal: bool, b: int, sq: int, sk: int, device) -> torch.Tensor | None:
     """Bool [H or 1, sq, sk] of attended logits for batch row b, or None when all are."""
     if mask is not None:
         m = mask[..., :sk]
@@ -86,7 +86,7 @@ def logit_std(
     for i in range(b):  # one row at a time bounds memory at H*sq*sk floats
         k = key[i].float().repeat_interleave(rep, dim=0)  # [H, sk, d]
         logits = torch.matmul(query[i].float(), k.transpose(-1, -2)) * scaling  # [H, sq, sk]
-        valid = _valid_mask(mask, causal, i, heads, sq, k.shape[1], query.device)
+        valid = _valid_mask(mask, causal, i, sq, k.shape[1], query.device)
         if valid is None:
             out += logits.flatten(1).std(dim=1, unbiased=False)
             continue
@@ -167,11 +167,15 @@ def capture_output_rms(model: nn.Module, names: dict[str, str], stats: StatMean)
             h.remove()
 
 
-def run_batches(model: nn.Module, batches: Iterable) -> None:
+def run_batches(model: nn.Module, batches: Iterable, progress: Callable[[int], None] | None = None) -> None:
     """Forward every calibration batch (token ids [b, seq] or a dict of model inputs)."""
     with torch.no_grad():
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)
+            elif isinstance(model, PreTrainedModel):
+                model(input_ids=batch, use_cache=False)  # no KV cache: it is never reused here
             else:
                 model(batch)
+            if progress is not None:
+                progress(len(batch["input_ids"]) if isinstance(batch, dict) else batch.shape[0])

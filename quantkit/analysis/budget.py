@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from quantkit.analysis.sensitivity import SensitivityResult
     from quantkit.analysis.sweep import Sweep
 
-CANDIDATES = ("mxfp4", "nvfp4", "int8", "bf16")  # formats a module may take, plus the swept one
+CANDIDATES = ("int8", "bf16")  # formats a module may be raised to, besides the swept one
+SAME_BITS_CANDIDATES = ("mxfp4", "nvfp4", "int8")  # adds a cheaper format to pay for upgrades at equal bits
 HIGH_PRECISION = "bf16"  # left unquantized
 BF16_BITS = 16.0
 FP32_BITS = 32.0
@@ -89,7 +90,9 @@ def _weights_in(model: nn.Module, arch: ArchInfo, names: list[str], fmt_name: st
     return fake_weights(model, names, get_format(fmt_name), fused)
 
 
-def error_ratios(model: nn.Module, arch: ArchInfo, names: list[str], base: str, formats: list[str]) -> dict[str, dict[str, float]]:
+def error_ratios(
+    model: nn.Module, arch: ArchInfo, names: list[str], base: str, formats: list[str]
+) -> dict[str, dict[str, float]]:
     """name -> format -> squared weight error relative to the base format's."""
     err = {}
     for f in formats:

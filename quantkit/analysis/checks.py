@@ -39,9 +39,18 @@ def check_c1(result: SensitivityResult) -> Check:
     need = ("up", "down", "gate", *ATTN)
     if not all(c in s for c in need):
         return Check("C1", claim, None, "needs component-wise runs over q, k, v, o, gate, up, down")
+    ok = _c1_holds(s)
     mlp, gate, attn = min(s["up"], s["down"]), s["gate"], max(s[c] for c in ATTN)
     detail = f"min(up,down)={_fmt(mlp)} gate={_fmt(gate)} max(attn)={_fmt(attn)} ({result.metric})"
-    return Check("C1", claim, bool(mlp > gate > attn), detail)
+    # the paper's metric is unknown, so say how the other metric ranks too
+    other = "ppl" if result.metric == "kl" else "kl"
+    s_other = {r.component: r.score(other) for r in result.runs_of("component")}
+    detail += f"; by {'dPPL' if other == 'ppl' else 'KL'}: {'holds' if _c1_holds(s_other) else 'does not hold'}"
+    return Check("C1", claim, ok, detail)
+
+
+def _c1_holds(s: dict[str, float]) -> bool:
+    return bool(min(s["up"], s["down"]) > s["gate"] > max(s[c] for c in ATTN))
 
 
 def check_c2(result: SensitivityResult) -> Check:

@@ -7,6 +7,7 @@ import html
 import io
 import math
 
+from quantkit.analysis.diagnostics import K_INIT
 from quantkit.analysis.report import budget_markdown, component_rows
 from quantkit.analysis.sensitivity import SensitivityResult
 
@@ -50,9 +51,14 @@ def _diag_matrix(result: SensitivityResult, col: str) -> list[list[float]]:
     return [[by.get((c, b), math.nan) or math.nan for b in range(result.num_layers)] for c in result.components]
 
 
-def _heatmap(plt, matrix, result: SensitivityResult, title: str, cmap: str) -> str:
+def _heatmap(plt, matrix, result: SensitivityResult, title: str, cmap: str, centre: float | None = None) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * result.num_layers + 2), 0.4 * len(result.components) + 1.4))
-    im = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest")
+    limits = {}
+    finite = [v for row in matrix for v in row if isinstance(v, float) and math.isfinite(v)]
+    if centre is not None and finite:
+        half = max(abs(v - centre) for v in finite) or 1.0
+        limits = {"vmin": centre - half, "vmax": centre + half}  # diverging map centred on the anchor
+    im = ax.imshow(matrix, aspect="auto", cmap=cmap, interpolation="nearest", **limits)
     ax.set_yticks(range(len(result.components)), result.components)
     ax.set_xlabel("block")
     ax.set_title(title, fontsize=10)
@@ -79,12 +85,13 @@ def figures(result: SensitivityResult) -> list[tuple[str, str]]:
         out.append((f"Sensitivity ({metric}), components x blocks, {how}",
                     _heatmap(plt, matrix, result, f"{result.format} {result.mode}: {metric}", "magma")))
     if result.diagnostics:
-        out.append(("Weibull shape k per matrix (1.205 = Gaussian)",
-                    _heatmap(plt, _diag_matrix(result, "weibull_k"), result, "Weibull k", "coolwarm")))
+        out.append(("Weibull shape k per matrix (white = 1.205, the Gaussian anchor; blue = heavier tails)",
+                    _heatmap(plt, _diag_matrix(result, "weibull_k"), result, "Weibull k", "coolwarm", K_INIT)))
     comp = result.runs_of("component")
     if comp:
-        out.append((f"Component-wise {metric}", _bars(plt, [r.component for r in comp],
-                                                       [r.score(result.metric) for r in comp], "component in every block", metric)))
+        scores = [r.score(result.metric) for r in comp]
+        out.append((f"Component-wise {metric}",
+                    _bars(plt, [r.component for r in comp], scores, "component in every block", metric)))
     for iso, title in (("block", "one block quantized"), ("block-complement", "all blocks but one quantized")):
         runs = result.runs_of(iso)
         if runs:
@@ -102,6 +109,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
         "th{background:#eee}.pass{color:#186a1f}.fail{color:#a11}.na{color:#777}img{max-width:100%}")
+
+
+def _rho(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:+.3f}"
 
 
 def to_html(result: SensitivityResult) -> str:
@@ -127,12 +138,12 @@ def to_html(result: SensitivityResult) -> str:
     header, rows = result.top_table()
     parts.append("<h2>Most sensitive runs</h2>" + _table(header, rows))
     for caption, uri in figures(result):
-        parts.append(f"<figure><img src='{uri}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        cap = html.escape(caption)
+        parts.append(f"<figure><img src='{uri}' alt='{cap}'><figcaption>{cap}</figcaption></figure>")
     if result.spearman:
         parts.append("<h2>Spearman rho: diagnostic vs sensitivity</h2>" + _table(
             ["level", "diagnostic", "n", "rho"],
-            [[s["level"], s["diagnostic"], s["n"], "n/a" if s["rho"] is None or not math.isfinite(s["rho"]) else f"{s['rho']:+.3f}"]
-             for s in result.spearman]))
+            [[s["level"], s["diagnostic"], s["n"], _rho(s["rho"])] for s in result.spearman]))
     if result.budget:
         parts.append("<pre>" + html.escape(budget_markdown(result.budget)) + "</pre>")
         parts.append("<h3>Recipe</h3><pre>" + html.escape(result.budget["recipe"]) + "</pre>")

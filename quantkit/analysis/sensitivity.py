@@ -256,11 +256,14 @@ def run_sensitivity(
     batch_size: int = 4,
     targets: Targets | None = None,
     compare: SensitivityResult | None = None,
+    threads: int | None = None,
 ) -> SensitivityResult:
     """Sweep isolation runs on `model` (restored bit-exactly afterwards) and return the result.
 
     `tokens` overrides the held-out windows; `compare` is a result for another model (C4).
     With `out_dir`, a partial file is written after every run and the reports at the end.
+    `threads` sets torch's intra-op threads for the sweep (on a busy shared CPU, 1 thread avoids
+    the spin-wait slowdown of oversubscribed thread pools).
     """
     if mode not in MODES:
         raise SensitivityError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
@@ -279,6 +282,8 @@ def run_sensitivity(
     if tokens is None:
         tokens = sweep_tokens(model, tokenizer, samples, seq_len)
     runs = plan_runs(arch, names, isolations)
+    if budget_bits is not None:
+        _check_budget(model, names, format, budget_bits)  # fail before the sweep, not after it
 
     out = Path(out_dir) if out_dir is not None else None
     fingerprint = _fingerprint(model_name, format, mode, tokens)
@@ -289,6 +294,9 @@ def run_sensitivity(
         if resume and partial.exists():
             done = _load_partial(partial, fingerprint)
 
+    orig_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     orig_dtype = next(model.parameters()).dtype
     was_training = model.training
     model.float().eval()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
@@ -320,6 +328,7 @@ def run_sensitivity(
     finally:
         model.to(orig_dtype)
         model.train(was_training)
+        torch.set_num_threads(orig_threads)
     if out:
         from quantkit.analysis.report import write_reports
 
@@ -327,6 +336,15 @@ def run_sensitivity(
         if partial.exists():
             partial.unlink()  # the sweep is complete; the reports hold every run
     return result
+
+
+def _check_budget(model: nn.Module, names: list[str], fmt: str, budget_bits: float) -> None:
+    from quantkit.analysis.budget import BudgetError, average_bits
+
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    floor = average_bits({n: fmt for n in names}, shapes)
+    if budget_bits < floor - 1e-9:
+        raise BudgetError(f"--budget-bits {budget_bits:g} is below {floor:.3f}, the cost of {fmt} everywhere")
 
 
 def _run_all(sweep: Sweep, runs: list[Run], done: dict[str, dict], ppl_fp: float, progress: bool, save) -> list[RunResult]:

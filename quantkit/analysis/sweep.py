@@ -30,7 +30,8 @@ from quantkit.errors import FormatError, QuantkitError
 from quantkit.formats import Format
 
 FULL_VOCAB_MAX = 8192  # keep the whole reference distribution up to this vocabulary size
-TOPK = 256  # reference log-probs kept per token above it; the rest is one "tail" bucket
+TOPK = 1024  # reference log-probs kept per token above it; the rest is one "tail" bucket (SmolLM2 ALL
+# nvfp4 run, 512 tokens: KL 97.8% of the full-vocabulary value at 1024, 93.7% at 256, 99.5% at 4096)
 REPLAY_MAX_BYTES = 4 << 30  # skip the layer-output record when it would exceed 4 GiB
 TAIL_FLOOR = 1e-30  # keeps log(tail mass) finite when top-k holds all of it
 

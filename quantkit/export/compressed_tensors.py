@@ -38,6 +38,11 @@ def _codec(fmt: str):
 
 
 def scheme_dict(module: QLinear) -> dict:
+    if module.qmeta.get("conv1d"):
+        raise QuantkitError(
+            "GPT-2 style Conv1D layers cannot be written in the compressed-tensors layout (engines expect "
+            "nn.Linear); quantize in memory with --set output.save=false, or use a Linear-based model"
+        )
     codec = _codec(module.weight_format)
     qt = module.qweight
     return {

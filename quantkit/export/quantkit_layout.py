@@ -178,14 +178,19 @@ def quantkit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 f"loader without quantkit fails instead of loading it into a dense Linear"
             )
         sd[key] = _guard()
+    return saveable(sd)
+
+
+def saveable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors safetensors can write: tied duplicates dropped (first name kept), contiguous, CPU."""
     out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
+    seen: set[tuple] = set()
     for key, t in sd.items():
-        if t.numel() > 0:  # tied weights (embed_tokens / lm_head) share storage: keep the first
+        if t.numel() > 0:  # tied weights (embed_tokens / lm_head) share storage
             ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
             if ident in seen:
                 continue
-            seen[ident] = key
+            seen.add(ident)
         out[key] = t.detach().contiguous().cpu()
     return out
 

@@ -19,6 +19,7 @@ from quantkit.errors import FormatError
 from quantkit.formats import e2m1
 from quantkit.formats.base import FORMATS, Format, QTensor
 from quantkit.formats.scales import (
+    block_amax,
     finite_abs,
     mx_exponent,
     mx_scale_value,
@@ -87,7 +88,7 @@ class FP4Format(Format):
 
     def block_scales(self, xb: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
         """Stored scales for blocks xb [rows, nb, block] (round to nearest scale choice)."""
-        amax = finite_abs(xb).amax(dim=-1)  # [rows, nb] in x's dtype
+        amax = block_amax(xb)  # [rows, nb] in x's dtype
         if self.has_global_scale:
             return nvfp4_block_scales(amax, global_scale)
         return mx_exponent(amax, self.rule)
@@ -116,7 +117,8 @@ class FP4Format(Format):
         wb = blocks(w, self.block, self.name)
         codes = e2m1.encode(wb.float() / self.divisor(scale, global_scale)[..., None])  # [rows, nb, block]
         packed = e2m1.pack(codes.reshape(w.shape))  # [rows, cols/2]
-        return QTensor(self.name, packed, scale, tuple(w.shape), global_scale, {"rule": self.rule} if not self.has_global_scale else {})
+        meta = {} if self.has_global_scale else {"rule": self.rule}
+        return QTensor(self.name, packed, scale, tuple(w.shape), global_scale, meta)
 
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = q.shape
@@ -136,9 +138,9 @@ class FP4Format(Format):
         gs = None
         if self.has_global_scale:
             gs = self.weight_global_scale(flat) if global_scale is None else global_scale.float().reshape(1)
-        d = self.divisor(self.block_scales(xb, gs), gs)[..., None]  # [T, nb, 1]
-        vals = e2m1.round_e2m1(xb.float() / d)
-        return _saturate((vals * d).reshape(x.shape), d, x.dtype).to(x.dtype)
+        scale = self.block_scales(xb, gs)  # [T, nb]
+        out = self.qdq_blocks(xb, scale, gs).reshape(x.shape)
+        return _saturate(out, self.divisor(scale, gs), x.dtype).to(x.dtype)
 
 
 NVFP4 = FP4Format("nvfp4", NVFP4_BLOCK, "e4m3")

@@ -7,6 +7,7 @@ The order of operations and the dtype of each intermediate follow compressed-ten
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from quantkit.errors import FormatError
 from quantkit.formats.e2m1 import E2M1_EMAX, E2M1_MAX
@@ -38,6 +39,16 @@ def finite_abs(x: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(a.sum())):
         a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
     return a
+
+
+def block_amax(xb: torch.Tensor) -> torch.Tensor:
+    """Finite absolute max of blocks xb [rows, nb, block] -> [rows, nb] in xb's dtype (exact).
+
+    max_pool1d is several times faster on CPU than amax over a short last dim.
+    """
+    rows, nb, block = xb.shape
+    a = finite_abs(xb.float()).reshape(1, rows, nb * block)
+    return F.max_pool1d(a, block, block).reshape(rows, nb).to(xb.dtype)
 
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:

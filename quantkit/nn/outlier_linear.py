@@ -83,13 +83,12 @@ class OutlierLinear(nn.Module):
         self.threshold = float(threshold)
         self.outliers = outliers
         self.bnb_compat = bnb_compat
-        self.dtype = dtype  # dtype of the 16-bit parts (bias, static outlier weights)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_absmax", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("outlier_idx", torch.zeros(n_static, dtype=torch.int64, device=device))
         self.register_buffer("outlier_weight", torch.zeros(out_features, n_static, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        # filled during forward while track_stats is set: rows seen, sum over rows of |O|
+        # filled during forward while track_stats is set: forwards seen, sum and max of |O|
         self.track_stats = False
         self.stats = {"forwards": 0, "outlier_cols_sum": 0, "outlier_cols_max": 0}
 
@@ -134,6 +133,11 @@ class OutlierLinear(nn.Module):
             mod.bias.data.copy_(linear.bias.detach().to(dtype))
         return mod
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the 16-bit parts (bias, static outlier weights); follows model.to(dtype)."""
+        return self.outlier_weight.dtype
+
     # -- runtime ---------------------------------------------------------------------------
 
     def _dequantized_columns(self, idx: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,7 @@ class OutlierLinear(nn.Module):
         return self.weight_int8[:, idx].float() * (self.weight_absmax / INT8_ABSMAX_DIVISOR)[:, None]
 
     def _outlier_columns(self, ax: torch.Tensor) -> torch.Tensor:
-        """Indices of the outlier columns of |X| [T, in] for this forward."""
+        """Indices of this forward's outlier columns, from |X| [T, in]."""
         if self.outliers == "static":
             return self.outlier_idx
         if math.isinf(self.threshold):
@@ -149,33 +153,39 @@ class OutlierLinear(nn.Module):
         return torch.nonzero(ax.amax(dim=0) >= self.threshold).flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # On a CPU each eager op is a pass over memory, so the work is arranged around one
+        # |X| temporary; edits touch only the k outlier columns (index_fill_ on [T, k]).
+        # (torch.linalg.vector_norm(ord=inf) would skip the |X| copy but is ~10x slower.)
+        # max|x| is exact in any dtype, so |X| and its maxima stay in X's dtype.
         shape = x.shape
-        flat = x.reshape(-1, self.in_features).float()  # [T, in]; quantization math in fp32
+        flat = x.reshape(-1, self.in_features)  # [T, in]
         ax = flat.abs()
         idx = self._outlier_columns(ax)
         has_outliers = idx.numel() > 0
         if has_outliers:
-            if self.bnb_compat:
-                ax = ax.masked_fill_(ax >= self.threshold, 0)  # only the outlier elements
-            else:
-                ax = ax.index_fill_(1, idx, 0)  # whole outlier columns (paper)
-        c_x = ax.amax(dim=1, keepdim=True)  # [T, 1]
+            if self.bnb_compat:  # only the outlier elements leave the row scale
+                sub = ax[:, idx]  # [T, k]; elements >= threshold only occur in these columns
+                ax.index_copy_(1, idx, sub.masked_fill_(sub >= self.threshold, 0))
+            else:  # whole outlier columns (paper)
+                ax.index_fill_(1, idx, 0)
+        c_x = ax.amax(dim=1, keepdim=True).float()  # [T, 1]
         inv = INT8_ABSMAX_DIVISOR / torch.where(c_x == 0, torch.ones_like(c_x), c_x)
-        xs = flat * inv  # [T, in]
+        # [T, in] fp32; a mixed 16-bit * fp32 mul is slower on CPU than cast + in-place mul
+        xs = flat * inv if flat.dtype == torch.float32 else flat.float().mul_(inv)
         if has_outliers:
             xs.index_fill_(1, idx, 0)  # those columns go through the 16-bit path
         xq = xs.round_().to(torch.int8)
         acc = int8_matmul(xq, self.weight_int8.t())  # [T, out] int32, exact
-        # int32 * fp32 promotes to fp32 in one pass: no separate acc.float() copy
-        y = torch.mul(acc, self.weight_absmax * INV_DIVISOR_SQ).mul_(c_x)
+        # cast, then in-place: a mixed int32 * fp32 mul takes a slow promotion path on CPU
+        y = acc.float().mul_(self.weight_absmax * INV_DIVISOR_SQ).mul_(c_x)
+        if self.bias is not None:
+            y.add_(self.bias.float())
         if has_outliers:
             if self.outliers == "static":
                 w_out = self.outlier_weight.float()
             else:
                 w_out = self._dequantized_columns(idx)
-            y.addmm_(flat[:, idx], w_out.t())  # [T, k] · [k, out]
-        if self.bias is not None:
-            y.add_(self.bias.float())
+            y.addmm_(flat[:, idx].float(), w_out.t())  # [T, k] · [k, out]
         if self.track_stats:
             self._update_stats(idx.numel())
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

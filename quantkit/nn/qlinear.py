@@ -72,10 +72,14 @@ class QLinear(nn.Module):
         if self.mode == "fake":
             self._dense = self.dequantized_weight(self.compute_dtype)
 
-    def _apply(self, fn, recurse=True):  # keep the dense cache on the module's device/dtype
+    def _apply(self, fn, recurse=True):
+        # .to()/.float()/.cuda(): rebuild the dense cache from the codes in the new dtype rather
+        # than casting it, so a bf16 cache never leaks bf16 rounding into an fp32 model
         super()._apply(fn, recurse)
         if self._dense is not None:
-            self._dense = fn(self._dense)
+            probe = fn(torch.zeros(1, dtype=self.compute_dtype, device=self._dense.device))
+            self.compute_dtype = probe.dtype
+            self._dense = self.dequantized_weight(self.compute_dtype).to(probe.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +126,12 @@ def quantize_linear(
     compute_dtype: torch.dtype | None = None,
 ) -> QLinear:
     """Build a QLinear from an nn.Linear (the Linear itself is not modified)."""
+    from quantkit.targets import Conv1D, linear_weight
+
     fmt = get_format(weight_format)
-    qw = fmt.quantize(linear.weight.detach(), global_scale=global_scale)
+    qw = fmt.quantize(linear_weight(linear).detach().contiguous(), global_scale=global_scale)
+    if Conv1D and isinstance(linear, Conv1D):
+        qw.meta["conv1d"] = True  # GPT-2 layout: the checkpoint writer must know
     return QLinear(
         qw,
         linear.bias,

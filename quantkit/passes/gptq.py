@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from quantkit.formats import FORMATS, get_format
@@ -171,8 +171,8 @@ class Gptq(Pass):
     mode: Literal["fake", "real"] = "real"
     observer: Literal["minmax", "mse"] = "minmax"
     targets: Targets = Targets()
-    block_size: int = 128  # columns updated together (lazy batch updates); a multiple of the format block
-    dampening: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = Field(128, gt=0)  # columns updated together (lazy batch updates); rounded to whole blocks
+    dampening: float = Field(0.01, ge=0)  # fraction of mean(diag H) added to the diagonal
 
     @field_validator("format", "act_format")
     @classmethod

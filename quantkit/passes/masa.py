@@ -17,6 +17,7 @@ from torch import nn
 
 from quantkit.analysis import masa_math as mm
 from quantkit.errors import RecipeError, UnsupportedArchitectureError
+from quantkit.export import masa_layout  # noqa: F401  registers the masa module types the writer needs
 from quantkit.nn.dict_linear import AtomBank, DictLinear, banks
 from quantkit.passes.base import Pass, register_pass
 from quantkit.passes.masa_stats import collect_input_grams, logit_lens_boundaries
@@ -81,7 +82,8 @@ class Masa(Pass):
         unshared = sum(mm.dense_params(*shapes[r], n_layers) for r in SHAREABLE_ROLES if r not in self.roles)
 
         groups = self._groups(model, ctx, n_layers)
-        weights = {r: torch.stack([linears[l, r].weight.detach().double().cpu() for l in range(n_layers)]) for r in self.roles}
+        # float32 on the CPU: PCA upcasts internally; the refinement runs in float32 (masa_math)
+        weights = {r: torch.stack([linears[l, r].weight.detach().float().cpu() for l in range(n_layers)]) for r in self.roles}
         full = {
             (r, g): mm.matrix_pca(weights[r][idx], len(idx) + self.center, center=self.center)
             for r in self.roles for g, idx in enumerate(groups)
@@ -104,17 +106,17 @@ class Masa(Pass):
         bank_objs: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
         for (r, g), res in full.items():
             s = plan[r, g]
-            atoms = res.atoms[:s]
+            atoms = res.atoms[:s].float()
             bank_objs[r, g] = (f"{r}_{g}", atoms)
             for i, l in enumerate(groups[g]):
-                c = res.coeffs[i, :s]
+                c = res.coeffs[i, :s].float()
                 if self.refit:
-                    c = mm.refit_coeffs(atoms, weights[r][l], grams[l, r])
+                    c = mm.refit_coeffs(atoms, weights[r][l], grams[l, r]).float()
                 fits[l, r] = {"group": g, "coeffs": c, "delta": weights[r][l] - mm.reconstruct(atoms, c[None])[0]}
 
         ranks = {}
         if self.residual_share > 0:
-            ranks = self._residuals(fits, grams, role_shapes, kept - atoms_cost)
+            ranks = self._residuals(fits, grams, weights, role_shapes, kept - atoms_cost)
         self._install(model, arch, linears, fits, bank_objs, ranks)
         self._report(ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights)
 
@@ -141,13 +143,14 @@ class Masa(Pass):
         # rank deficiency (e.g. identical layers) can leave fewer atoms than planned
         return {key: min(s, full[key].atoms.shape[0]) for key, s in plan.items()}
 
-    def _residuals(self, fits, grams, shapes, budget: int) -> dict:
+    def _residuals(self, fits, grams, weights, shapes, budget: int) -> dict:
         svds, spectra, costs, energy = {}, {}, {}, {}
         for key, fit in fits.items():
             u, s, vt, r = mm.whitened_svd(fit["delta"], grams[key])
             svds[key], spectra[key] = (u, s, vt, r), s
             costs[key] = sum(shapes[key[1]])
-            energy[key] = float((s**2).sum())
+            # gains are shares of the layer's own whitened output energy, comparable across layers
+            energy[key] = float(mm.whitened_error(weights[key[1]][key[0]], grams[key]))
         floors = {key: self.rank_floor.get(key[1], 0) for key in fits}
         ranks = mm.allocate_ranks(spectra, costs, max(budget, 0), floors, energy)
         for key, rank in ranks.items():

@@ -16,7 +16,7 @@ _SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}
 
 @torch.no_grad()
 def collect_input_grams(model: nn.Module, ctx, arch, roles, damp: float) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, role) -> damped input Gram H = X^T X / N + lambda I (float64, CPU)."""
+    """(layer, role) -> damped input Gram H = X^T X / N + lambda I (accumulated in float64, returned float32, CPU)."""
     sums: dict[tuple[int, str], torch.Tensor] = {}
     counts: dict[tuple[int, str], int] = {}
     hooks = []
@@ -39,7 +39,7 @@ def collect_input_grams(model: nn.Module, ctx, arch, roles, damp: float) -> dict
     finally:
         for h in hooks:
             h.remove()
-    grams = {key: mm.damped_gram(s, counts[key], damp) for key, s in sums.items()}
+    grams = {key: mm.damped_gram(s, counts[key], damp).float() for key, s in sums.items()}
     return {(layer, r): grams[layer, _SHARED_INPUT[r]] for layer in range(arch.num_layers) for r in roles}
 
 

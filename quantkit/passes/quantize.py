@@ -11,7 +11,7 @@ from torch import nn
 from quantkit.formats import FORMATS, get_format
 from quantkit.nn.qlinear import QLinear, quantize_linear
 from quantkit.passes.base import Pass, register_pass
-from quantkit.targets import Targets
+from quantkit.targets import Targets, linear_weight
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -51,7 +51,7 @@ class Quantize(Pass):
         fmt = get_format(self.format)
         scales = {}
         for n in names:
-            gs = fmt.weight_global_scale(model.get_submodule(n).weight.detach())
+            gs = fmt.weight_global_scale(linear_weight(model.get_submodule(n)).detach())
             if gs is not None:
                 scales[n] = gs
         if not scales:
@@ -81,7 +81,8 @@ class Quantize(Pass):
             if self.observer == "mse":
                 from quantkit.formats.search import mse_quantize
 
-                qw = mse_quantize(get_format(self.format), linear.weight.detach(), global_scale=gscales.get(name))
+                qw = mse_quantize(get_format(self.format), linear_weight(linear).detach().contiguous(),
+                                  global_scale=gscales.get(name))
                 q = QLinear(qw, linear.bias, mode=self.mode, act_format=self.act_format, input_global_scale=igs,
                             compute_dtype=linear.weight.dtype)
             else:

@@ -11,7 +11,7 @@ Specs: /work/shared/specs/algorithms.md §4; decisions: docs/quantvla.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -45,7 +45,13 @@ STATS_KEY = "quantvla"  # ctx.stats[STATS_KEY] caches teacher statistics between
 
 
 def measure(
-    model: nn.Module, sites: Sequence[AttnSite], batches: Sequence, *, logits: bool = True, rms: bool = True
+    model: nn.Module,
+    sites: Sequence[AttnSite],
+    batches: Sequence,
+    *,
+    logits: bool = True,
+    rms: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]], dict[str, float]]:
     """One pass over the batches -> (logit std [H] per site, (H, head_dim) per site, o-proj RMS)."""
     std, out = StatMean(), StatMean()
@@ -55,7 +61,7 @@ def measure(
     model.eval()
     try:
         with capture_logit_std(model, names, std), capture_output_rms(model, o_paths, out):
-            run_batches(model, batches)
+            run_batches(model, batches, progress)
     finally:
         model.train(was_training)
     missing = [n for n in names if n not in std.calls]
@@ -158,10 +164,16 @@ class _QuantVLAPass(Pass):
         cache = ctx.stats.setdefault(STATS_KEY, {"teacher_std": {}, "teacher_rms": {}, "heads": {}})
         return sites, batches, cache
 
+    def work_units(self, ctx) -> int:
+        """Calibration sequences forwarded: teacher (unless cached) and student."""
+        n = ctx.calib.shape[0] if ctx.calib is not None else getattr(ctx.calib_config, "n_samples", 0)
+        cached = bool(ctx.stats.get(STATS_KEY, {}).get("teacher_std"))
+        return n * (1 if cached else 2)
+
     def _teacher_stats(self, ctx, sites, batches, cache) -> None:
         todo = [s for s in sites if s.name not in cache["teacher_std"]]
         if todo:
-            std_t, heads, rms_t = measure(ctx.teacher, todo, batches)
+            std_t, heads, rms_t = measure(ctx.teacher, todo, batches, progress=ctx.progress)
             cache["teacher_std"].update(std_t)
             cache["teacher_rms"].update(rms_t)
             cache["heads"].update(heads)
@@ -180,7 +192,7 @@ class AttentionTemperature(_QuantVLAPass):
     def run(self, model: nn.Module, ctx) -> None:
         sites, batches, cache = self._setup(model, ctx)
         self._teacher_stats(ctx, sites, batches, cache)
-        std_q, heads, rms_q = measure(model, sites, batches)
+        std_q, heads, rms_q = measure(model, sites, batches, progress=ctx.progress)
         # the uncorrected student's o_proj RMS, for head_balance with after_atm: false
         cache.setdefault("student_rms_pre_atm", {}).update(rms_q)
         table = alphas(cache["teacher_std"], std_q, self.alpha_clip, self.alpha_neutral, self.alpha_domain)
@@ -229,7 +241,7 @@ class HeadBalance(_QuantVLAPass):
                 )
             rms_q = {s.name: pre[s.name] for s in sites}
         else:
-            _, _, rms_q = measure(model, sites, batches, logits=False)
+            _, _, rms_q = measure(model, sites, batches, logits=False, progress=ctx.progress)
         table = betas(cache["teacher_rms"], rms_q, self.beta_log_clip, self.beta_neutral)
         where = {s.name: apply_beta(model, s, table[s.name], self.fold) for s in sites if table[s.name] != 1.0}
         cache.setdefault("beta", {}).update(table)

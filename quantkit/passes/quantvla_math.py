@@ -152,7 +152,8 @@ def _gain_is_linear(norm: nn.Module, width: int) -> bool:
     w = getattr(norm, "weight", None)
     if not isinstance(w, torch.Tensor) or w.numel() != width:
         return False
-    x = torch.randn(2, width, dtype=w.dtype, device=w.device)
+    gen = torch.Generator(device=w.device).manual_seed(0)  # leave the global RNG alone
+    x = torch.randn(2, width, generator=gen, device=w.device).to(w.dtype)
     saved = w.data.clone()
     with torch.no_grad():
         y1 = norm(x)

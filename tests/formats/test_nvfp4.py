@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fp4_reference import ct_nvfp4, edge_weight, normalize_neg_zero
+from fp4_reference import HAS_TORCHAO, ct_nvfp4, edge_weight, normalize_neg_zero
 
 from quantkit.errors import FormatError
 from quantkit.formats import get_format
@@ -111,3 +111,17 @@ def test_activation_keeps_dtype_and_shape():
     x = torch.randn(2, 3, 32, dtype=torch.float16)
     y = NVFP4.fake_activation(x)
     assert y.dtype == torch.float16 and y.shape == x.shape
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not importable")
+def test_fp32_codes_and_scales_equal_torchao_given_the_same_global_scale():
+    # torchao stores the reciprocal (amax/2688) and computes amax/6 in fp32; for fp32 weights and
+    # the same global scale its conventions agree with compressed-tensors' bit for bit
+    from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    pts = per_tensor_amax_to_scale(w.abs().amax())
+    ref_scale, ref_codes = nvfp4_quantize(w, 16, pts)
+    q = NVFP4.quantize(w, (1 / pts).reshape(1))
+    assert torch.equal(_bits(ref_scale), _bits(q.scale))
+    assert torch.equal(normalize_neg_zero(ref_codes.view(torch.uint8)), q.codes)

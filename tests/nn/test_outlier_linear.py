@@ -154,6 +154,14 @@ def test_bf16_input_gives_bf16_output():
     assert y.dtype == torch.bfloat16 and y.shape == (4, 10, OUT)
 
 
+@pytest.mark.parametrize("bnb_compat", [False, True])
+def test_16bit_input_runs_the_same_math_as_fp32(bnb_compat):
+    lin = _linear(bias=True)
+    mod = OutlierLinear.from_linear(lin, threshold=6.0, bnb_compat=bnb_compat)
+    x = _x().bfloat16()
+    assert torch.equal(mod(x), mod(x.float()).bfloat16())
+
+
 def test_static_without_indices_is_rejected():
     with pytest.raises(FormatError, match="outlier_idx"):
         OutlierLinear.from_linear(_linear(), outliers="static")

@@ -1,5 +1,7 @@
 """The masa pass on a tiny random Llama: budgets, exactness, closeness, calibration use."""
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -147,3 +149,34 @@ def test_atoms_stored_once_in_state_dict():
     Masa(ratio=0.5).run(model, _ctx(model))
     keys = [k for k in model.state_dict() if k.endswith("atoms")]
     assert keys and all(k.startswith("masa_banks.") for k in keys)
+
+
+def test_checkpoint_round_trip_through_from_pretrained(tmp_path):
+    import quantkit  # noqa: F401  registers the quantkit layout with transformers
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.export.quantkit_layout import save_quantkit_checkpoint
+
+    model = _model()
+    ctx = _ctx(model)
+    Masa(ratio=0.3, residual_share=0.3, refit=True).run(model, ctx)
+    expect = _logits(model, ctx)
+    save_quantkit_checkpoint(model, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.layers[1].self_attn.o_proj, DictLinear)
+    assert torch.allclose(_logits(loaded, ctx), expect, atol=1e-5)
+
+
+def test_checkpoint_stores_fewer_attention_bytes(tmp_path):
+    from safetensors import safe_open
+
+    from quantkit.export.quantkit_layout import save_quantkit_checkpoint
+
+    model = _model()
+    dense = sum(p.numel() for n, p in model.named_parameters() if "self_attn" in n)
+    Masa(ratio=0.5).run(model, _ctx(model))
+    save_quantkit_checkpoint(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
+                     if "self_attn" in k or k.startswith("masa_banks"))
+    assert stored <= 0.5 * dense

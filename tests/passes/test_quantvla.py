@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -22,11 +21,11 @@ from transformers import (
 )
 from transformers.modeling_utils import AttentionInterface
 
+from quantkit.analysis.attn_capture import logit_std
 from quantkit.arch import arch_info
 from quantkit.context import Context
 from quantkit.errors import CalibrationError, QuantkitError
 from quantkit.nn.qlinear import QLinear, quantize_linear
-from quantkit.passes.base import PASSES
 from quantkit.passes.quantvla import (
     AttentionTemperature,
     HeadBalance,
@@ -36,7 +35,7 @@ from quantkit.passes.quantvla import (
     measure,
 )
 from quantkit.passes.quantvla_math import clip_ratio, select_sites
-from quantkit.targets import Targets
+from quantkit.recipe import load_recipe
 from vla_model import TinyVLA  # tests/passes is on sys.path (rootdir-less test dirs)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -338,12 +337,66 @@ def test_layout_quantizes_llm_linears_and_dit_mlp_but_not_dit_attention():
 
 
 @pytest.mark.parametrize("recipe", ["quantvla-w4a8.yaml", "quantvla-nvfp4.yaml"])
-def test_recipe_layout_and_pass_fields_are_valid(recipe):
-    spec = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
-    passes = {p["pass"]: {k: v for k, v in p.items() if k != "pass"} for p in spec["passes"]}
-    for name in ("attention_temperature", "head_balance"):
-        PASSES.get(name)(**passes[name])  # extra="forbid": every field must exist
+def test_recipe_loads_and_its_targets_select_the_paper_layout(recipe):
+    loaded = load_recipe(ROOT / "recipes" / recipe)  # field validation + pass order check
+    passes = {p.name: p for p in loaded.passes}
+    assert passes["attention_temperature"].scope == passes["head_balance"].scope == "dit"
     vla = TinyVLA()
     arch = arch_info(vla.language_model)
-    selected = Targets(**passes["quantize"]["targets"]).select(vla, arch)
-    assert selected == layout_targets().select(vla, arch)
+    assert passes["quantize"].targets.select(vla, arch) == layout_targets().select(vla, arch)
+
+
+# --- the logit statistic ---------------------------------------------------------------------
+
+
+def _qk(heads=4, kv_heads=2, sq=6, sk=6):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, heads, sq, 8, generator=g), torch.randn(2, kv_heads, sk, 8, generator=g)
+
+
+def test_logit_std_excludes_masked_entries():
+    q, k = _qk()
+    keep = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(4)) > 0.3
+    keep[..., 0] = True
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    kr = k.repeat_interleave(2, dim=1)
+    logits = q @ kr.transpose(-1, -2) * 0.5  # [b, H, sq, sk]
+    expected = torch.stack(
+        [torch.stack([logits[b, h][keep[b, 0]].std(unbiased=False) for h in range(4)]) for b in range(2)]
+    ).mean(0)
+    torch.testing.assert_close(logit_std(q, k, additive, 0.5, causal=False), expected)
+    torch.testing.assert_close(logit_std(q, k, keep, 0.5, causal=False), expected)
+
+
+def test_logit_std_without_mask_on_a_causal_module_uses_the_causal_triangle():
+    q, k = _qk()
+    tri = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    torch.testing.assert_close(logit_std(q, k, None, 0.5, causal=True), logit_std(q, k, tri, 0.5, causal=False))
+
+
+def test_logit_std_repeats_kv_heads_for_gqa():
+    q, k = _qk(heads=4, kv_heads=2)
+    torch.testing.assert_close(
+        logit_std(q, k, None, 0.5, causal=False), logit_std(q, k.repeat_interleave(2, dim=1), None, 0.5, causal=False)
+    )
+
+
+# --- the real model --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_w4a8_atm_ohb_stay_inside_their_clips():
+    from quantkit.models import load_model
+    from quantkit.passes.quantize import Quantize
+
+    teacher, tok = load_model("smollm2-135m", dtype="fp32")
+    student = copy.deepcopy(teacher)
+    ctx = Context(model=student, tokenizer=tok, arch=arch_info(teacher), device=torch.device("cpu"),
+                  calib=torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0)), teacher=teacher)
+    Quantize(format="int4_ch", act_format="int8", mode="fake").run(student, ctx)
+    AttentionTemperature(scope="llm").run(student, ctx)
+    HeadBalance(scope="llm").run(student, ctx)
+    atm, ohb = ctx.report["attention_temperature"], ctx.report["head_balance"]
+    assert atm["modules"] == 30 and atm["heads"] == 30 * 9
+    assert 0.7 <= atm["alpha_min"] <= atm["alpha_max"] <= 1.4
+    assert math.exp(-0.3) - 1e-6 <= ohb["beta_min"] <= ohb["beta_max"] <= math.exp(0.3) + 1e-6

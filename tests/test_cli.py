@@ -1,0 +1,145 @@
+"""CLI: bad inputs give one line on stderr, exit 2, no traceback, and no output left behind."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from quantkit.cli import app
+
+runner = CliRunner()
+FAST = ["--set", "calib.n_samples=2", "--set", "calib.seq_len=32", "--set", "eval.max_windows=2",
+        "--set", "eval.seq_len=32", "--set", "eval.kl_samples=2"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_recipe(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    line = one_line_error(run("apply", tmp_path / "none.yaml", tiny_llama_dir, "-o", out))
+    assert line == f"error: recipe file {tmp_path / 'none.yaml'} does not exist"
+    assert not out.exists()
+
+
+def test_malformed_yaml(tmp_path, tiny_llama_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    line = one_line_error(run("apply", bad, tiny_llama_dir, "-o", tmp_path / "out"))
+    assert line.startswith(f"error: {bad}: malformed YAML at line")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_pass(tmp_path, tiny_llama_dir):
+    r = tmp_path / "r.yaml"
+    r.write_text("name: x\npasses:\n  - pass: magic\n")
+    line = one_line_error(run("apply", r, tiny_llama_dir, "-o", tmp_path / "out"))
+    assert line.startswith(f"error: {r}: passes[0].pass: unknown pass 'magic'; known: ")
+
+
+def test_unknown_field(tmp_path, tiny_llama_dir):
+    r = tmp_path / "r.yaml"
+    r.write_text("name: x\npasses:\n  - pass: quantize\n    format: int8\n    bits: 8\n")
+    assert one_line_error(run("apply", r, tiny_llama_dir, "-o", tmp_path / "out")) == \
+        f"error: {r}: passes[0].bits: unknown field"
+
+
+def test_wrong_type(tmp_path, tiny_llama_dir):
+    r = tmp_path / "r.yaml"
+    r.write_text("name: x\ncalib:\n  seq_len: long\npasses:\n  - pass: calibrate\n")
+    line = one_line_error(run("apply", r, tiny_llama_dir, "-o", tmp_path / "out"))
+    assert line.startswith(f"error: {r}: calib.seq_len: Input should be a valid integer")
+
+
+def test_uncached_hub_model_offline(tmp_path):
+    line = one_line_error(run("apply", "int8-w8a8", "no-such-org/no-such-model", "-o", tmp_path / "out"))
+    assert line.startswith("error: model 'no-such-org/no-such-model' is not in the local Hugging Face cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_line_error(run("apply", "int8-w8a8", empty, "-o", tmp_path / "out"))
+    assert line == f"error: {empty} is not a model directory (no config.json in it)"
+
+
+def test_existing_output_without_force(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = one_line_error(run("apply", "int8-w8a8", tiny_llama_dir, "-o", out))
+    assert line == f"error: output {out} exists; pass --force to overwrite it"
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_empty_calibration_text(tmp_path, tiny_llama_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out"
+    line = one_line_error(run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--set", f"calib.source={empty}"))
+    assert line == f"error: calibration text {empty} is empty; 2 x 32 tokens are needed"
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_seq_len_beyond_context(tmp_path, tiny_llama_dir):
+    line = one_line_error(run("apply", "int8-w8a8", tiny_llama_dir, "-o", tmp_path / "out", "--set", "calib.seq_len=100000"))
+    assert line == "error: calibration seq_len 100000 exceeds the model's context length 256"
+
+
+def test_apply_writes_checkpoint_and_reports(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    result = run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ppl_before"] > 0 and report["ppl_after"] > 0 and report["kl"] >= 0
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "report.json", "report.md", "tokenizer.json"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized"
+
+
+def test_quality_gate_fails_with_exit_1_and_writes_nothing(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    result = run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--max-kl", "0")
+    line = one_line_error(result, code=1)
+    assert line.startswith("error: quality gate failed: mean token KL")
+    assert not out.exists()
+
+
+def test_validate_ok_and_json():
+    result = run("validate", "int8-w8a8", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["name"] == "int8-w8a8"
+
+
+@pytest.mark.parametrize("command", ["recipes", "formats", "passes"])
+def test_listing_commands_emit_json(command):
+    result = run(command, "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows and all("name" in r for r in rows)
+
+
+def test_inspect_shows_quantized_parts(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    assert run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--no-eval").exit_code == 0
+    result = run("inspect", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["quant_method"] == "compressed-tensors"
+    assert info["quantized_modules"] == 14
+    assert info["parts"]["quantized: weight"]["dtypes"] == ["I8"]
+
+
+def test_inspect_rejects_non_checkpoint(tmp_path):
+    assert one_line_error(run("inspect", tmp_path)) == f"error: {tmp_path} is not a checkpoint directory (no config.json in it)"
