@@ -97,7 +97,8 @@ def write(rows: list[dict], meta: dict) -> None:
         f"fp32 original: perplexity {meta['ppl_fp']:.3f}. Calibration {meta['calib']}, evaluation {meta['eval']}.",
         "Ratios are against the layout-only peer of the same format, measured in the same run.",
         "",
-        "| format | variant | mean KL | KL / layout | ppl | ppl / layout | α range (neutral/heads) | β range (neutral/layers) | calib s |",
+        "| format | variant | mean KL | KL / layout | ppl | ppl / layout "
+        "| α range (neutral/heads) | β range (neutral/layers) | calib s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {
         "model": args.model, "ppl_fp": ppl_fp,
-        "calib": f"{args.calib_samples} x {args.calib_len} tokens", "eval": f"{windows.shape[0]} x {args.eval_len} tokens",
+        "calib": f"{args.calib_samples} x {args.calib_len} tokens",
+        "eval": f"{windows.shape[0]} x {args.eval_len} tokens",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     rows = []

@@ -98,15 +98,44 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def _folded_qweight(name: str, module: QLinear):
+    """The QTensor with any exact per-row output multiplier (ATM/OHB folds) moved into its scales.
+
+    Integer formats scale per row (or per row and group), so the fold is exact when the product
+    is kept in fp32. FP4 block scales are E4M3/E8M0 codes: folding would re-round them, so refuse.
+    """
+    qt = module.qweight
+    if module.output_scale is None:
+        return qt
+    if not qt.format.startswith("int"):
+        raise QuantkitError(
+            f"{name}: a per-row correction (ATM/OHB) on {qt.format} weights cannot be stored in the "
+            "compressed-tensors layout without re-rounding its block scales; fold it before quantizing "
+            "or use an integer format"
+        )
+    scale = qt.scale.float() * module.output_scale.float().reshape(-1, 1)
+    return type(qt)(qt.format, qt.codes, scale, qt.shape, qt.global_scale, dict(qt.meta))
+
+
+def _refuse_runtime_hooks(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if m.__dict__.get("_quantkit_scale_hooks"):
+            raise QuantkitError(
+                f"{name or 'model'} carries a runtime correction (a forward hook) that a checkpoint cannot "
+                "hold; use fold: true, or a model whose q-norm gain is per row"
+            )
+
+
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Named tensors in the compressed-tensors layout; tied weights stored once."""
+    _refuse_runtime_hooks(model)
     out: dict[str, torch.Tensor] = {}
     qnames = []
     for name, module in model.named_modules():
         if isinstance(module, QLinear):
             qnames.append(name + ".")
             codec = _codec(module.weight_format)
-            for suffix, t in codec.to_ct(module.qweight, module.act_format).items():
+            for suffix, t in codec.to_ct(_folded_qweight(name, module), module.act_format).items():
                 out[f"{name}.{suffix}"] = t
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias.detach()

@@ -126,7 +126,9 @@ def calibrate_atm_ohb(
         finally:
             remove_runtime_scales(student, keep=before)
     beta = betas(rms_t, rms_q, beta_log_clip, beta_neutral)
-    return {s.name: {"alpha": alpha[s.name].tolist(), "beta": beta[s.name], "head_dim": heads[s.name][1]} for s in sites}
+    return {
+        s.name: {"alpha": alpha[s.name].tolist(), "beta": beta[s.name], "head_dim": heads[s.name][1]} for s in sites
+    }
 
 
 def apply_atm_ohb(student: nn.Module, table: dict[str, dict], fold: bool = True) -> dict[str, tuple[str, str]]:
@@ -261,7 +263,10 @@ class HeadBalance(_QuantVLAPass):
 
 # --- the selective layout (spec §4.1) ------------------------------------------------------
 
-LLM_LINEARS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*qkv_proj", "*gate_proj", "*up_proj", "*down_proj", "*gate_up_proj")
+LLM_LINEARS = (
+    *("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*qkv_proj"),
+    *("*gate_proj", "*up_proj", "*down_proj", "*gate_up_proj"),
+)
 DIT_MLP_LINEARS = ("*ff.net.0.proj", "*ff.net.2")  # GR00T DiT feed-forward (diffusers naming)
 NEVER = ("*vision*", "*visual*", "*multi_modal_projector*", "*embed*", "*norm*", "lm_head", "*.lm_head")
 

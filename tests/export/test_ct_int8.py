@@ -80,3 +80,16 @@ def test_tied_embeddings_stay_tied(tmp_path):
         assert "lm_head.weight" not in f.keys()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_per_row_output_scale_is_folded_into_the_checkpoint(tmp_path):
+    model = quantized_tiny("int8")
+    q = model.model.layers[0].self_attn.q_proj
+    q.set_output_scale(torch.linspace(0.8, 1.25, q.out_features))
+    out = save(model, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.inference_mode():
+        a = torch.log_softmax(model(ids).logits, -1)
+        b = torch.log_softmax(loaded(ids).logits, -1)
+    assert (a - b).abs().max().item() < 1e-3

@@ -167,6 +167,21 @@ def test_checkpoint_round_trip_through_from_pretrained(tmp_path):
     assert torch.allclose(_logits(loaded, ctx), expect, atol=1e-5)
 
 
+def test_param_counts_from_saved_config_match_the_pass_report(tmp_path):
+    from transformers import AutoConfig
+
+    from quantkit.export.masa_layout import masa_param_counts
+    from quantkit.export.quantkit_layout import save_quantkit_checkpoint
+
+    model = _model()
+    ctx = _ctx(model)
+    Masa(ratio=0.3, residual_share=0.3, refit=True).run(model, ctx)
+    save_quantkit_checkpoint(model, tmp_path)
+    counts = masa_param_counts(AutoConfig.from_pretrained(tmp_path))
+    assert counts == masa_param_counts(model)
+    assert counts["stored"] == ctx.report["masa"]["stored_params"]  # all four roles shared: no dense rest
+
+
 def test_checkpoint_stores_fewer_attention_bytes(tmp_path):
     from safetensors import safe_open
 
