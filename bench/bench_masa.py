@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, RESULTS / f"{args.name}.md")
-    plot(res, RESULTS / f"{args.name}_curve.png")
+    if len(set(r["target"] for r in rows)) > 1:  # a curve needs more than one budget
+        plot(res, RESULTS / f"{args.name}_curve.png")
     return res
 
 

@@ -38,18 +38,32 @@ def _codec(fmt: str):
 
 
 def scheme_dict(module: QLinear) -> dict:
+    """{"format", "weights", "input_activations"} of the config group this module belongs to."""
     if module.qmeta.get("conv1d"):
         raise QuantkitError(
             "GPT-2 style Conv1D layers cannot be written in the compressed-tensors layout (engines expect "
             "nn.Linear); quantize in memory with --set output.save=false, or use a Linear-based model"
         )
     codec = _codec(module.weight_format)
-    qt = module.qweight
-    return {
-        "format": codec.ct_format(module.act_format),
-        "weights": codec.weight_args(qt),
-        "input_activations": codec.act_args(module.act_format),
-    }
+    if isinstance(codec, ct_int.Int8Codec):
+        return {
+            "format": codec.ct_format(module.act_format),
+            "weights": codec.weight_args(module.qweight),
+            "input_activations": codec.act_args(module.act_format),
+        }
+    act = module.act_format
+    int_weights_int8_acts = module.weight_format.startswith("int4") and act == "int8"  # W4A8
+    s = codec.scheme(module.weight_format, None if int_weights_int8_acts else act, ("Linear",))
+    if int_weights_int8_acts:
+        s["input_activations"] = ct_int.Int8Codec().act_args("int8")
+    return {"format": s["format"], "weights": s["weights"], "input_activations": s["input_activations"]}
+
+
+def _to_ct(module: QLinear, qt) -> dict[str, torch.Tensor]:
+    codec = _codec(module.weight_format)
+    if isinstance(codec, ct_int.Int8Codec):
+        return codec.to_ct(qt, module.act_format)
+    return codec.to_ct(qt)
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -134,20 +148,27 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, QLinear):
             qnames.append(name + ".")
-            codec = _codec(module.weight_format)
-            for suffix, t in codec.to_ct(_folded_qweight(name, module), module.act_format).items():
+            for suffix, t in _to_ct(module, _folded_qweight(name, module)).items():
                 out[f"{name}.{suffix}"] = t
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias.detach()
             if module.input_global_scale is not None:
-                out[f"{name}.input_global_scale"] = module.input_global_scale
+                out[f"{name}.input_global_scale"] = module.input_global_scale.float().reshape(1)
     for key, t in model.state_dict().items():
         if any(key.startswith(q) for q in qnames):
             continue
         out[key] = t
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sorted(out.items())}
+    result, seen = {}, set()
+    for k, v in sorted(out.items()):
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:  # shared (e.g. one fused-group global scale): safetensors stores each once
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        result[k] = v
+    return result
 
 
 def save_checkpoint(model: nn.Module, out_dir: Path) -> dict:

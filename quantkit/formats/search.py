@@ -28,7 +28,9 @@ INT4_GRID = tuple(round(0.60 + 0.025 * i, 3) for i in range(17))  # 0.60 .. 1.00
 MX_OFFSETS = (-1, 0, 1)  # exponent offsets around the format's rule
 
 
-def _candidates(fmt: Format, xb: torch.Tensor, gs: torch.Tensor | None, grid: Sequence[float] | None) -> Iterator[torch.Tensor]:
+def _candidates(
+    fmt: Format, xb: torch.Tensor, gs: torch.Tensor | None, grid: Sequence[float] | None
+) -> Iterator[torch.Tensor]:
     amax = finite_abs(xb).amax(dim=-1)  # [rows, nb] in x's dtype
     if isinstance(fmt, FP4Format) and fmt.has_global_scale:
         for c in grid or NVFP4_GRID:

@@ -36,7 +36,8 @@ def test_total_error_is_strictly_lower_on_gaussian_weights(name):
 def test_result_is_a_qtensor_of_the_same_format_and_layout(name):
     w, fmt = _w(), get_format(name)
     q, ref = mse_quantize(fmt, w), fmt.quantize(w)
-    assert (q.format, q.codes.shape, q.scale.shape, q.scale.dtype) == (ref.format, ref.codes.shape, ref.scale.shape, ref.scale.dtype)
+    layout = lambda t: (t.format, t.codes.shape, t.scale.shape, t.scale.dtype)  # noqa: E731
+    assert layout(q) == layout(ref)
 
 
 def test_grid_of_one_reproduces_round_to_nearest():
