@@ -26,6 +26,8 @@ class Context:
     # per-module statistics, e.g. stats["act_amax"][name] -> tensor
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     provided: set[str] = field(default_factory=set)
+    # facts that passes still to run require (set by the pipeline before each pass)
+    needed: set[str] = field(default_factory=set)
     # rows that end up in report.json under "passes" -> pass name -> dict
     report: dict[str, Any] = field(default_factory=dict)
     teacher: nn.Module | None = None

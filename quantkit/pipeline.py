@@ -23,6 +23,8 @@ def run_passes(passes: list[Pass], ctx: Context, progress: ProgressFactory = nul
     if any(p.needs_teacher for p in passes):
         ctx.keep_teacher()
     for i, p in enumerate(passes):
+        # what the passes after this one still need (lets calibrate skip unneeded statistics)
+        ctx.needed = set().union(*(q.requirements() for q in passes[i + 1 :]))
         total = p.work_units(ctx) if hasattr(p, "work_units") else 0
         start = time.perf_counter()
         with progress(f"pass {i}: {p.name}", total) as advance:

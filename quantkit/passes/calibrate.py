@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,13 @@ class Calibrate(Pass):
     summary: ClassVar[str] = "load the calibration buffer; record each linear's input amax"
     provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats"})
 
-    collect_stats: bool = True
+    # "auto": run the calibration forwards only when a later pass needs activation statistics
+    collect_stats: bool | Literal["auto"] = "auto"
+
+    def _collect(self, ctx) -> bool:
+        if self.collect_stats == "auto":
+            return "act_stats" in ctx.needed
+        return bool(self.collect_stats)
 
     @torch.inference_mode()
     def run(self, model: nn.Module, ctx) -> None:
@@ -28,7 +34,9 @@ class Calibrate(Pass):
             ctx.tokenizer, source=cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed
         )
         ctx.batch_size = cfg.batch_size
-        if not self.collect_stats:
+        if not self._collect(ctx):
+            ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
+                       statistics="skipped (no later pass needs them)")
             return
         amax: dict[str, torch.Tensor] = {}
         col_amax: dict[str, torch.Tensor] = {}
@@ -58,4 +66,4 @@ class Calibrate(Pass):
         ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source, linears=len(amax))
 
     def work_units(self, ctx) -> int:
-        return ctx.calib_config.n_samples if self.collect_stats else 0
+        return ctx.calib_config.n_samples if self._collect(ctx) else 0
