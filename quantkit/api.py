@@ -47,8 +47,14 @@ def check_context_length(model: nn.Module, seq_len: int, what: str) -> None:
 
 def save_output(model: nn.Module, tokenizer, out_dir: Path) -> str:
     """Write the checkpoint in the layout its modules need; returns the layout name."""
+    import importlib
+
+    from quantkit import hf_integration
     from quantkit.export import quantkit_layout
     from quantkit.export.compressed_tensors import save_checkpoint
+
+    for handler_module in hf_integration.HANDLER_MODULES:  # every layout type must be known to the writer
+        importlib.import_module(handler_module)
 
     if quantkit_layout.has_quantkit_modules(model):
         if any(isinstance(m, QLinear) for m in model.modules()):
@@ -195,15 +201,35 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    runtime: str = "transformers",
     progress: ProgressFactory = null_progress,
 ) -> dict:
-    """Perplexity on held-out text, and mean token KL against a reference model if given."""
+    """Perplexity on held-out text, and mean token KL against a reference model if given.
+
+    runtime "quantkit" reads a compressed-tensors checkpoint into quantkit's real-quant modules
+    (the codes on disk, packed in memory) instead of transformers' decompressing loader.
+    """
     import quantkit.hf_integration  # noqa: F401  (quantkit-layout checkpoints load after this import)
 
     with progress("load model", 0):
-        model, tok = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if runtime == "quantkit":
+            from transformers import AutoTokenizer
+
+            from quantkit.export.ct_reader import load_ct_checkpoint
+            from quantkit.models import resolve_dtype
+
+            target = Path(model_spec)
+            if not (target / "config.json").exists():
+                raise QuantkitError(f"--runtime quantkit needs a checkpoint directory; {model_spec} is not one")
+            want = resolve_dtype(dtype)
+            model = load_ct_checkpoint(target, torch.bfloat16 if want == "auto" else want).to(resolve_device(device))
+            tok = AutoTokenizer.from_pretrained(target)
+        elif runtime == "transformers":
+            model, tok = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        else:
+            raise QuantkitError(f"unknown runtime {runtime!r}; known: transformers, quantkit")
     check_context_length(model, seq_len, "evaluation")
-    result: dict = {"model": model_spec, "data": data, "seq_len": seq_len}
+    result: dict = {"model": model_spec, "runtime": runtime, "data": data, "seq_len": seq_len}
     n = len(eval_windows(model, tok, source=data, seq_len=seq_len, max_windows=max_windows))
     result["windows"] = n
     with progress("perplexity", n) as advance:

@@ -175,6 +175,7 @@ def eval_cmd(
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     trust_remote_code: TrustOpt = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="transformers (decompressing loader) or quantkit (real-quant modules, compressed-tensors checkpoints)")] = "transformers",
 ) -> None:
     """Perplexity on held-out text, and mean token KL against --reference."""
     with error_boundary():
@@ -184,7 +185,7 @@ def eval_cmd(
         with progress:
             result = api.evaluate(model, reference=reference, data=data, seq_len=seq_len,
                                   max_windows=max_windows or None, device=device, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, progress=factory)
+                                  trust_remote_code=trust_remote_code, runtime=runtime, progress=factory)
         table = Table(title=f"quantkit eval: {model}")
         table.add_column("metric")
         table.add_column("value", justify="right")
