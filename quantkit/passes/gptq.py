@@ -180,31 +180,22 @@ def _layer_forward(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[t
 
 
 @register_pass
-class Gptq(Pass):
-    """GPTQ: error-compensating weight quantization from calibration inputs."""
+class Gptq(Quantize):
+    """GPTQ: error-compensating weight quantization from calibration inputs.
+
+    Same fields as `quantize` (format, act_format, mode, observer, targets), plus the GPTQ knobs.
+    """
 
     name: ClassVar[str] = "gptq"
     summary: ClassVar[str] = "GPTQ weight quantization (any format), layer by layer from calibration inputs"
     requires: ClassVar[frozenset[str]] = frozenset({"calib"})
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
 
-    format: str
-    act_format: str | None = None
-    mode: Literal["fake", "real"] = "real"
-    observer: Literal["minmax", "mse"] = "minmax"
-    targets: Targets = Targets()
     block_size: int = Field(128, gt=0)  # columns updated together (lazy batch updates); rounded to whole blocks
     dampening: float = Field(0.01, ge=0)  # fraction of mean(diag H) added to the diagonal
 
-    @field_validator("format", "act_format")
-    @classmethod
-    def _known_format(cls, v: str | None) -> str | None:
-        if v is not None and v not in FORMATS:
-            raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
-        return v
-
     def requirements(self) -> frozenset[str]:
-        return self.requires | Quantize(format=self.format, act_format=self.act_format).requirements()
+        return self.requires | super().requirements()
 
     def run(self, model: nn.Module, ctx) -> None:
         arch, fmt = ctx.arch, get_format(self.format)
