@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     calib_file = write_calib(ids, WORK / f"calib_{N_SAMPLES}x{SEQ_LEN}.npy")
     rows = []
     baseline = ppl_of_checkpoint(model_dir, args.windows)
-    quantkit_bin = str(Path(sys.executable).parent / "quantkit")
+    quantkit_cmd = [str(Path(sys.executable).parent / "quantkit")]
     for scheme in args.schemes.split(","):
         recipe = RECIPES[scheme]
         qk_out = WORK / f"qk-{scheme}"
-        qk = gnu_time([quantkit_bin, "apply", recipe, str(model_dir), "-o", str(qk_out), "--force", "--no-eval",
+        qk = gnu_time([*quantkit_cmd, "apply", recipe, str(model_dir), "-o", str(qk_out), "--force", "--no-eval",
                        "--set", f"calib.n_samples={N_SAMPLES}", "--set", f"calib.seq_len={SEQ_LEN}"],
                       WORK / f"qk-{scheme}.time.txt")
         try:
@@ -90,11 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"scheme": scheme, "error": str(e).splitlines()[0]})
             continue
         p_out = Path(peer.get("out") or WORK / f"llmc-{scheme}")
+        from quantkit.export.ct_reader import load_ct_checkpoint
+        from quantkit.eval import perplexity
+
+        peer_in_qk_runtime = perplexity(load_ct_checkpoint(p_out), tok, max_windows=args.windows)
         row = {
             "scheme": scheme,
             "quantkit": {**qk, "checkpoint_bytes": dir_bytes(qk_out), "ppl": ppl_of_checkpoint(qk_out, args.windows)},
             "llmcompressor": {"wall_s": peer["outside"]["wall_s"], "peak_rss_mb": peer["outside"].get("peak_rss_mb"),
-                              "checkpoint_bytes": dir_bytes(p_out), "ppl": ppl_of_checkpoint(p_out, args.windows)},
+                              "checkpoint_bytes": dir_bytes(p_out), "ppl": ppl_of_checkpoint(p_out, args.windows),
+                              "ppl_in_quantkit_runtime": peer_in_qk_runtime},
         }
         q, p = row["quantkit"], row["llmcompressor"]
         row["ratios"] = {
@@ -110,10 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
               "peer_versions": peer_versions(), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "apply.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# quantkit apply vs llm-compressor oneshot (SmolLM2-135M, CPU, one run)", "",
+    lines = ["# quantkit apply vs llm-compressor oneshot (SmolLM2-135M, CPU, one run)", "",
+             "Wall time and peak RSS of the whole process (imports included) under GNU time. "
+             "`llmc ppl (qk rt)`: llm-compressor's checkpoint read into quantkit's real-quant runtime.", "",
              f"bf16 perplexity: {baseline:.3f} ({result['eval']}); calibration: {result['calib']}.", "",
-             "| scheme | qk wall s | llmc wall s | wall ratio | qk RSS MB | llmc RSS MB | RSS ratio | qk ppl | llmc ppl | ppl ratio | qk bytes | llmc bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| scheme | qk wall s | llmc wall s | wall ratio | qk RSS MB | llmc RSS MB | RSS ratio | qk ppl | llmc ppl | ppl ratio | llmc ppl (qk rt) | qk bytes | llmc bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['scheme']} | error: {r['error']} |")
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         q, p, x = r["quantkit"], r["llmcompressor"], r["ratios"]
         lines.append(f"| {r['scheme']} | {q['wall_s']:.1f} | {p['wall_s']:.1f} | {x['wall']:.2f} | {q['peak_rss_mb']:.0f} | "
                      f"{p['peak_rss_mb']:.0f} | {x['peak_rss']:.2f} | {q['ppl']:.3f} | {p['ppl']:.3f} | {x['ppl']:.4f} | "
+                     f"{p['ppl_in_quantkit_runtime']:.3f} | "
                      f"{q['checkpoint_bytes']:,} | {p['checkpoint_bytes']:,} |")
     (RESULTS / "apply.md").write_text("\n".join(lines) + "\n")
     return result

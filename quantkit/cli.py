@@ -42,7 +42,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "torchao", "accelerate", "datasets", "torch"):
+    import torch  # noqa: F401  (torch configures its loggers on import; quiet them afterwards)
+
+    for name in ("transformers", "torchao", "accelerate", "datasets", "torch", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
