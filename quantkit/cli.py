@@ -39,6 +39,9 @@ class _State:
 
 
 def _quiet_libraries() -> None:
+    from quantkit._memory import pin_mmap_threshold
+
+    pin_mmap_threshold()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
