@@ -111,10 +111,7 @@ def apply(
     ev = recipe.eval
     if do_eval:
         t = time.perf_counter()
-        n_windows = len(eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows))
-        with progress("evaluate original", n_windows) as advance:
-            report.ppl_before = perplexity(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows,
-                                           progress=advance)
+        report.ppl_before = _held_out_ppl(model, tokenizer, ev, progress, "evaluate original")
         if ev.kl_samples:
             ctx.keep_teacher()
         seconds["eval_before"] = time.perf_counter() - t
@@ -127,10 +124,7 @@ def apply(
 
     if do_eval:
         t = time.perf_counter()
-        n_windows = len(eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows))
-        with progress("evaluate quantized", n_windows) as advance:
-            report.ppl_after = perplexity(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows,
-                                          progress=advance)
+        report.ppl_after = _held_out_ppl(model, tokenizer, ev, progress, "evaluate quantized")
         if ev.kl_samples and ctx.teacher is not None:
             kl_ids = ctx.calib if ctx.calib is not None else load_calib(
                 tokenizer, source=recipe.calib.source, n_samples=ev.kl_samples, seq_len=recipe.calib.seq_len,
@@ -157,6 +151,12 @@ def apply(
     seconds["total"] = time.perf_counter() - started
     report.model_obj = model  # for in-process callers (tests, benchmarks); not serialized
     return report
+
+
+def _held_out_ppl(model: nn.Module, tokenizer, ev, progress: ProgressFactory, label: str) -> float:
+    n_windows = len(eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows))
+    with progress(label, n_windows) as advance:
+        return perplexity(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows, progress=advance)
 
 
 def run_passes_keep_teacher(recipe: Recipe, ctx: Context, progress: ProgressFactory) -> list[dict]:
