@@ -35,7 +35,8 @@ def eval_windows(
 
     With the BOS policy on, each window is BOS + (seq_len - 1) text tokens.
     """
-    key = (id(tokenizer), source, seq_len)
+    # what identifies the tokenizer (an object id can be reused after the tokenizer is freed)
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), getattr(tokenizer, "vocab_size", None), source)
     stream = _stream_cache.get(key)
     if stream is None:
         texts = read_texts(source, "eval")

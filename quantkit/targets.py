@@ -26,6 +26,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put module at dotted path name, replacing what is there or adding a new child."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 def linear_weight(module: nn.Module):
     """The weight as [out, in], whatever the module stores."""
     if Conv1D and isinstance(module, Conv1D):

@@ -17,6 +17,7 @@ from torch import nn
 from quantkit.errors import ModelLoadError
 from quantkit.export.compressed_tensors import codecs
 from quantkit.nn.qlinear import QLinear
+from quantkit.targets import set_module
 
 _SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "weight_shape",
              "weight_zero_point", "input_global_scale")
@@ -95,8 +96,7 @@ def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         bias = tensors.pop(f"{name}.bias", None)
         q = QLinear(qt, None if bias is None else bias.to(dtype), mode="real", act_format=act,
                     input_global_scale=parts.get("input_global_scale"), compute_dtype=dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        set_module(model, name, q)
     missing = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                     strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

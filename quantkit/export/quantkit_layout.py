@@ -50,6 +50,7 @@ from torch import nn
 from quantkit.errors import FormatError, ModelLoadError
 from quantkit.nn.outlier_linear import OutlierLinear
 from quantkit.registry import Registry
+from quantkit.targets import set_module  # noqa: F401  (re-exported for handlers)
 
 QUANT_METHOD = "quantkit"
 # layouts this reader understands; bump when a handler's config keys change incompatibly
@@ -141,13 +142,6 @@ def write_quantkit_config(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError) as e:  # a handler returned tensors or other non-JSON values
         raise FormatError(f"quantkit layout config is not JSON-serializable: {e}") from None
     return out
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put module at dotted path name, replacing what is there or adding a new child."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _guard() -> torch.Tensor:

@@ -20,6 +20,7 @@ from quantkit.errors import RecipeError, UnsupportedArchitectureError
 from quantkit.export import masa_layout  # noqa: F401  registers the masa module types the writer needs
 from quantkit.nn.dict_linear import AtomBank, DictLinear, banks
 from quantkit.passes.base import Pass, register_pass
+from quantkit.targets import set_module
 from quantkit.passes.masa_stats import collect_input_grams, logit_lens_boundaries
 
 SHAREABLE_ROLES = ("q", "k", "v", "o")
@@ -182,8 +183,7 @@ class Masa(Pass):
                 materialize=self.materialize,
             )
             name = arch.module_name(l, r)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+            set_module(model, name, module)
 
     def _report(self, ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights) -> None:
         stored = unshared + sum(b.atoms.numel() for b in banks(model).values())

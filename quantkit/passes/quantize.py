@@ -11,12 +11,7 @@ from torch import nn
 from quantkit.formats import FORMATS, get_format
 from quantkit.nn.qlinear import QLinear, quantize_linear
 from quantkit.passes.base import Pass, register_pass
-from quantkit.targets import Targets, linear_weight
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+from quantkit.targets import Targets, linear_weight, set_module  # noqa: F401  (re-exported)
 
 
 @register_pass
