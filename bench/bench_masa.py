@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quantkit.analysis import masa_math as mm
+from quantkit.passes.masa import fit as mm
 from quantkit.arch import arch_info
 from quantkit.calib import load_calib
 from quantkit.context import Context
@@ -36,7 +36,7 @@ from quantkit.eval import eval_windows
 from quantkit.export.masa_layout import masa_param_counts
 from quantkit.models import load_model
 from quantkit.passes.masa import Masa
-from quantkit.passes.masa_stats import collect_input_grams
+from quantkit.passes.masa.stats import collect_input_grams
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "masa"

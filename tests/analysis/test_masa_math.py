@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quantkit.analysis import masa_math as mm
+from quantkit.passes.masa import fit as mm
 
 
 def _mats(n=6, d_out=12, d_in=10, seed=0):

@@ -7,14 +7,14 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantkit.analysis import masa_math as mm
+from quantkit.passes.masa import fit as mm
 from quantkit.arch import arch_info
 from quantkit.context import Context
 from quantkit.errors import RecipeError
 from quantkit.nn.dict_linear import DictLinear
 from quantkit.passes.base import PASSES
 from quantkit.passes.masa import Masa
-from quantkit.passes.masa_stats import collect_input_grams
+from quantkit.passes.masa.stats import collect_input_grams
 
 N_LAYERS = 4
 

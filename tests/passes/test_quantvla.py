@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.modeling_utils import AttentionInterface
 
-from quantkit.analysis.attn_capture import logit_std
+from quantkit.passes.quantvla.attn_capture import logit_std
 from quantkit.arch import arch_info
 from quantkit.context import Context
 from quantkit.errors import CalibrationError, QuantkitError
@@ -34,7 +34,7 @@ from quantkit.passes.quantvla import (
     layout_targets,
     measure,
 )
-from quantkit.passes.quantvla_math import clip_ratio, select_sites
+from quantkit.passes.quantvla.ratios import clip_ratio, select_sites
 from quantkit.recipe import load_recipe
 from vla_model import TinyVLA  # tests/passes is on sys.path (rootdir-less test dirs)
 

@@ -15,13 +15,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from quantkit.analysis import masa_math as mm
+from quantkit.passes.masa import fit as mm
 from quantkit.errors import RecipeError, UnsupportedArchitectureError
 from quantkit.export import masa_layout  # noqa: F401  registers the masa module types the writer needs
 from quantkit.nn.dict_linear import AtomBank, DictLinear, banks
 from quantkit.passes.base import Pass, register_pass
 from quantkit.targets import set_module
-from quantkit.passes.masa_stats import collect_input_grams, logit_lens_boundaries
+from quantkit.passes.masa.stats import collect_input_grams, logit_lens_boundaries
 
 SHAREABLE_ROLES = ("q", "k", "v", "o")
 

@@ -18,10 +18,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from quantkit.analysis.attn_capture import AttnSite, StatMean, capture_logit_std, capture_output_rms, run_batches
+from quantkit.passes.quantvla.attn_capture import AttnSite, StatMean, capture_logit_std, capture_output_rms, run_batches
 from quantkit.errors import CalibrationError, QuantkitError
 from quantkit.passes.base import Pass, register_pass
-from quantkit.passes.quantvla_math import (
+from quantkit.passes.quantvla.ratios import (
     DIT_PATTERNS,
     apply_alpha,
     apply_beta,

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from quantkit.analysis.attn_capture import AttnSite, find_attention_sites
+from quantkit.passes.quantvla.attn_capture import AttnSite, find_attention_sites
 from quantkit.errors import QuantkitError, UnsupportedArchitectureError
 from quantkit.nn.qlinear import QLinear
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.analysis import masa_math as mm
+from quantkit.passes.masa import fit as mm
 from quantkit.errors import UnsupportedArchitectureError
 
 # logit-lens tokens per lm_head matmul: bounds the [tokens, vocab] fp32 buffers (~100 MB at 49k vocab)
