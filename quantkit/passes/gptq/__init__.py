@@ -1,151 +1,20 @@
-"""`gptq`: GPTQ weight quantization for every quantkit format, layer by layer.
+"""`gptq` pass: GPTQ weight quantization from calibration inputs, in the shared block loop.
 
-GPTQ (Frantar et al. 2022) quantizes a weight one input column at a time and spreads each
-column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
-``H = sum X^T X`` of the layer's calibration inputs. Block formats (NVFP4 16, MXFP4 32, INT4
-groups) fix a block's scale when the first column of the block is reached, from the weights as
-updated so far, as llm-compressor does. The result is an ordinary QTensor: the codes are exactly
-what the loop rounded to, so export is unchanged.
-
-Sequential, like llm-compressor: the inputs of decoder layer i are the outputs of layer i-1 with
-its linears already quantized. Only one layer's activations are held at a time.
-"""
+The column-loop math lives in solver.py."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from quantkit.formats import FORMATS, get_format
-from quantkit.formats.base import Format, QTensor
-from quantkit.formats.fp4 import FP4Format
-from quantkit.formats.int4 import Int4Format
-from quantkit.formats.search import mse_scales
+from quantkit.formats import get_format
 from quantkit.nn.qlinear import QLinear
-from quantkit.passes.base import Pass, register_pass
+from quantkit.passes.base import register_pass
+from quantkit.passes.gptq.solver import _Stop, gptq_quantize
 from quantkit.passes.quantize import Quantize, set_module
-from quantkit.targets import Targets
-
-MAX_DAMP_RETRIES = 3  # each retry multiplies the dampening by 10 before giving up on a layer
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end the model forward at the first decoder layer."""
-
-
-def group_size(fmt: Format, in_features: int) -> int:
-    if isinstance(fmt, FP4Format):
-        return fmt.block
-    if isinstance(fmt, Int4Format):
-        return fmt.group or in_features
-    raise ValueError(f"gptq does not know the block structure of format {fmt.name}")
-
-
-def _block_scale(fmt: Format, w: torch.Tensor, gs: torch.Tensor | None, observer: str) -> torch.Tensor:
-    """Stored scales [out, nb] for w [out, nb*g] in the weight's dtype."""
-    if observer == "mse":
-        return mse_scales(fmt, w, gs)
-    if isinstance(fmt, FP4Format):
-        return fmt.block_scales(w.reshape(w.shape[0], -1, fmt.block), gs)
-    return fmt.scales(fmt._groups(w))
-
-
-def _qdq_column(fmt: Format, col: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
-    """fp32 quantize-dequantize of one column [out] with its block's scales [out]."""
-    return fmt.qdq_blocks(col[:, None, None], scale[:, None], gs)[:, 0, 0]
-
-
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening by damp * mean(diag H)."""
-    h = h.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
-
-
-@contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """The column loop is thousands of tiny ops; on a busy CPU, intra-op threads spend more time
-    in barriers than in work (measured 120 ms vs 6.6 ms per column, 2 threads vs 1, 1536x576)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def gptq_quantize(
-    fmt: Format,
-    w: torch.Tensor,
-    h: torch.Tensor,
-    global_scale: torch.Tensor | None = None,
-    *,
-    block_size: int = 128,
-    dampening: float = 0.01,
-    observer: str = "minmax",
-) -> tuple[QTensor, dict[str, Any]]:
-    """GPTQ-quantize w [out, in] given H [in, in] (sum of x x^T over calibration tokens)."""
-    out_f, in_f = w.shape
-    g = group_size(fmt, in_f)
-    if isinstance(fmt, FP4Format) and fmt.has_global_scale and global_scale is None:
-        global_scale = fmt.weight_global_scale(w)
-    gs = None if global_scale is None else global_scale.float().reshape(1).to(w.device)
-    block_size = max(g, block_size - block_size % g) if g < in_f else in_f  # blocks hold whole groups
-    W = w.float().clone()
-    h = h.float().clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-    damp, hinv = dampening, None
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        try:
-            hinv = _inverse_hessian_factor(h, damp)
-            break
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    if hinv is None:
-        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp}")
-
-    # block scales [out, 1] in column order; per channel: one, from the weights before any update
-    picked: list[torch.Tensor] = [_block_scale(fmt, W.to(w.dtype), gs, observer)] if g == in_f else []
-    src = torch.empty_like(W)  # each column as it was when rounded; encode() reproduces the codes
-    loss = torch.zeros(out_f, device=w.device)
-    with _single_thread_on_cpu(W.device):
-        for i1 in range(0, in_f, block_size):
-            _gptq_block(fmt, W, hinv, src, loss, picked, i1, min(i1 + block_size, in_f), g, gs, observer, w.dtype)
-    qt = fmt.encode(src, torch.cat(picked, dim=1), gs)  # scales [out, in/g]
-    return qt, {"damp": damp, "loss": float(loss.sum()) / 2}
-
-
-def _gptq_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dtype) -> None:
-    """Quantize columns i1..i2 one at a time, then push their error onto columns i2.. (lazy update)."""
-    per_channel = g == W.shape[1]
-    cur = picked[-1] if picked else None
-    W1 = W[:, i1:i2].clone()
-    Err1 = torch.zeros_like(W1)
-    Hinv1 = hinv[i1:i2, i1:i2]
-    for i in range(i2 - i1):
-        col = i1 + i
-        if col % g == 0 and not per_channel:  # a new block: fix its scale from the updated weights
-            cur = _block_scale(fmt, W1[:, i : i + g].to(dtype), gs, observer)  # [out, 1]
-            picked.append(cur)
-        c = W1[:, i]
-        src[:, col] = c
-        q = _qdq_column(fmt, c, cur[:, 0], gs)
-        d = Hinv1[i, i]
-        loss += (c - q).square() / d.square()
-        err = (c - q) / d
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        Err1[:, i] = err
-    W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
 
 
 def capture_layer_inputs(model: nn.Module, layer0: nn.Module, batches) -> list[tuple[tuple, dict]]:
