@@ -47,12 +47,14 @@ def _lut(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def encode(x: torch.Tensor) -> torch.Tensor:
     """fp32 values already divided by their scale -> uint8 codes (one per element).
 
-    Saturates at +-6 (so +-Inf -> +-6), NaN -> code 0, and anything that rounds to zero, including
-    -0.0 and tiny negatives, is code 0 (never 8), as in compressed-tensors' written checkpoints.
+    Saturates at +-6 (so +-Inf -> +-6) and NaN -> code 0. A negative value that rounds to zero
+    keeps its sign (code 8); only an exact -0.0 (and +0.0) is code 0. That is what
+    compressed-tensors (0.19 and 0.20) writes: its rounding multiplies the rounded magnitude by
+    ``sign(x)``, which is -1 for a tiny negative (-> -0.0, sign bit set) and 0 for -0.0 (-> +0.0).
     """
     x = x.float()
     idx = torch.bucketize(x.abs(), _BOUNDS.to(x.device)).to(torch.uint8)  # NaN -> 7, fixed below
-    neg = (x < 0) & (idx > 0)
+    neg = x < 0  # False for -0.0 and NaN
     codes = idx | (neg.to(torch.uint8) << 3)
     if not _all_finite_fast(x):
         codes = torch.where(torch.isnan(x), torch.zeros_like(codes), codes)

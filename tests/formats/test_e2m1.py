@@ -43,9 +43,19 @@ def test_magnitudes_beyond_six_saturate():
     assert e2m1.encode(x).tolist() == [7, 7, 7, 15, 15]
 
 
-def test_negative_zero_and_tiny_negatives_are_code_zero():
-    x = torch.tensor([-0.0, -1e-30, -0.25, -0.1])
-    assert e2m1.encode(x).tolist() == [0, 0, 0, 0]
+def test_exact_negative_zero_is_code_zero():
+    assert e2m1.encode(torch.tensor([-0.0, 0.0])).tolist() == [0, 0]
+
+
+def test_negatives_that_round_to_zero_keep_the_sign_as_code_eight():
+    # formats.md "Verified bit for bit" 4: llm-compressor writes code 8 here, not 0
+    x = torch.tensor([-1e-30, -0.25, -0.1, -1e-45])
+    assert e2m1.encode(x).tolist() == [8, 8, 8, 8]
+
+
+def test_code_eight_decodes_to_negative_zero():
+    y = e2m1.decode(torch.tensor([8], dtype=torch.uint8))
+    assert y.item() == 0.0 and torch.signbit(y).item()
 
 
 def test_nan_encodes_to_zero():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fp4_reference import HAS_TORCHAO, ct_mxfp4, edge_weight, normalize_neg_zero, torchao_mxfp4
+from fp4_reference import HAS_TORCHAO, ct_mxfp4, edge_weight, torchao_mxfp4
 
 from quantkit.errors import FormatError
 from quantkit.formats import get_format
@@ -16,7 +16,7 @@ RULES = ["floor", "even", "rceil", "ceil"]
 def test_even_rule_equals_compressed_tensors_on_edge_weights(dtype, seed):
     w = edge_weight(dtype, seed=seed)
     ref, q = ct_mxfp4(w), get_format("mxfp4_even").quantize(w)
-    assert torch.equal(normalize_neg_zero(ref["weight_packed"]), q.codes)
+    assert torch.equal(ref["weight_packed"], q.codes)
     assert torch.equal(ref["weight_scale"], q.scale)
 
 
@@ -25,7 +25,7 @@ def test_even_rule_equals_compressed_tensors_on_edge_weights(dtype, seed):
 def test_even_rule_equals_compressed_tensors_on_random_weights(dtype, magnitude):
     w = (torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * magnitude).to(dtype)
     ref, q = ct_mxfp4(w), get_format("mxfp4_even").quantize(w)
-    assert torch.equal(normalize_neg_zero(ref["weight_packed"]), q.codes)
+    assert torch.equal(ref["weight_packed"], q.codes)
     assert torch.equal(ref["weight_scale"], q.scale)
 
 
@@ -41,7 +41,7 @@ def test_every_rule_equals_torchao_to_mx(rule, dtype):
     ref_scale, ref_codes = torchao_mxfp4(w, rule)
     q = get_format(f"mxfp4_{rule}").quantize(w)
     assert torch.equal(ref_scale, q.scale)
-    assert torch.equal(normalize_neg_zero(ref_codes), q.codes)
+    assert torch.equal(ref_codes, q.codes)
 
 
 def _exp(amax: float, rule: str) -> int:
@@ -122,3 +122,16 @@ def test_activation_is_per_32_block_qdq_in_input_dtype():
     x = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     expected = f.dequantize(f.quantize(x.reshape(8, 64)), torch.bfloat16).reshape(x.shape)
     assert torch.equal(f.fake_activation(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_negatives_rounding_to_zero_are_code_8_like_compressed_tensors(dtype):
+    w = -(torch.rand(8, 64, generator=torch.Generator().manual_seed(4)) * 1e-3)
+    w[:, ::32] = 1.0
+    w[0, 1] = -0.0
+    w = w.to(dtype)
+    ref, q = ct_mxfp4(w), get_format("mxfp4_even").quantize(w)
+    codes = torch.stack([q.codes & 0xF, q.codes >> 4], dim=-1).flatten()
+    assert (codes == 8).sum() == w.numel() - w.shape[0] * 2 - 1
+    assert codes[1] == 0  # the exact -0.0
+    assert torch.equal(ref["weight_packed"], q.codes)
