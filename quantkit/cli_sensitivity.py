@@ -1,14 +1,17 @@
-"""`quantkit sensitivity`: the typer command; cli.py registers it with app.command("sensitivity")."""
+"""`quantkit sensitivity`: the typer command; cli.py registers it with app.command("sensitivity").
+
+Imports only quantkit.cli_common (not quantkit.cli), so the two modules do not import each other.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from quantkit.cli_common import DeviceOpt, JsonOpt, ModelArg, TrustOpt, err_console, error_boundary
 from quantkit.errors import OutputExistsError
 
 FormatOpt = Annotated[str, typer.Option(
@@ -27,7 +30,7 @@ TopOpt = Annotated[int, typer.Option("--top", help="rows in the most-sensitive t
 
 
 def sensitivity(
-    model: Annotated[str, typer.Argument(help="hub id, local directory, GGUF file, or alias smollm2-135m")] = "smollm2-135m",
+    model: ModelArg = "smollm2-135m",
     format: FormatOpt = "nvfp4",
     mode: ModeOpt = "w4a16",
     isolation: IsolationOpt = "component,block",
@@ -41,18 +44,17 @@ def sensitivity(
     top: TopOpt = 10,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing reports")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's)")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto")] = "cpu",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code to run")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout; tables go to stderr")] = False,
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Which components and blocks of MODEL hurt most when quantized to FORMAT."""
-    from quantkit.cli import err_console, error_boundary
+    """Which components and blocks of MODEL hurt most when quantized to FORMAT.
 
-    with error_boundary():
-        from rich.console import Console
-
+    With --json the envelope's report is {"results": [one sensitivity result per format]}.
+    """
+    with error_boundary(as_json) as outcome:
         from quantkit.analysis.checks import add_cross_format_check
-        from quantkit.analysis.report import to_json, write_reports
+        from quantkit.analysis.report import write_reports
         from quantkit.analysis.sensitivity import SensitivityError, parse_isolation, run_sensitivity
         from quantkit.formats import get_format
         from quantkit.models import load_model
@@ -80,12 +82,9 @@ def sensitivity(
             add_cross_format_check(results)
             for f, r in zip(formats, results):
                 write_reports(r, dirs[f])
-        console = err_console if as_json else Console()
         for f, r in zip(formats, results):
-            _print(console, r, top, dirs[f])
-        if as_json:
-            text = to_json(results[0]) if len(results) == 1 else "[" + ",\n".join(to_json(r) for r in results) + "]"
-            sys.stdout.write(text + "\n")
+            _print(err_console, r, top, dirs[f])  # a summary of work done: stderr (data: --json, the reports)
+        outcome.report = {"results": [r.to_dict() for r in results]}
 
 
 def _load_compare(path: Path):

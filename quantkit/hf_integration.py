@@ -1,10 +1,14 @@
-"""Register quantkit's checkpoint layout with transformers.
+"""Register quantkit's checkpoint layout with transformers, lazily.
 
-After ``import quantkit`` (whose __init__ imports this module) a checkpoint whose config.json
-has ``quantization_config.quant_method == "quantkit"`` loads with
-``AutoModelForCausalLM.from_pretrained(path)``: the quantizer below builds the dense skeleton,
-installs each quantkit module (quantkit.export.quantkit_layout.install_modules) on the meta
-device, and transformers loads the tensors into them by name.
+After ``import quantkit`` a checkpoint whose config.json has
+``quantization_config.quant_method == "quantkit"`` loads with
+``AutoModelForCausalLM.from_pretrained(path)`` (the quantizer is in quantkit.hf_quantizer).
+
+Registering needs transformers' quantizer registry, and importing that registry imports every
+quantizer transformers has, torchao's among them (seconds, and on a CPU-only machine torchao
+logs failures to load its CUDA kernels). So ``import quantkit`` does not import it: if the
+registry is already imported, quantkit registers at once; otherwise a one-shot import hook
+registers right after transformers imports it, which from_pretrained always does first.
 
 Without quantkit, transformers only warns about the unknown quant_method; the checkpoint's
 zero-size ``<module>.weight`` guards then make it raise a size mismatch (see the layout).
@@ -14,77 +18,56 @@ vLLM rejects the unknown quant_method itself.
 from __future__ import annotations
 
 import importlib
-from typing import Any
-
-import torch
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
-
-from quantkit.export.quantkit_layout import LAYOUT_VERSION, QUANT_METHOD, install_modules
+import importlib.abc
+import importlib.util
+import sys
 
 # modules whose import registers quantkit-layout module types (handlers); a plugin appends here
 HANDLER_MODULES: list[str] = ["quantkit.export.quantkit_layout", "quantkit.export.masa_layout"]
 
-
-class QuantkitConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a quantkit-layout checkpoint (plain data, see the layout)."""
-
-    def __init__(
-        self,
-        modules: dict[str, dict[str, Any]] | None = None,
-        version: str | None = None,
-        layout_version: int = LAYOUT_VERSION,
-        **kwargs: Any,
-    ):
-        self.quant_method = QUANT_METHOD
-        self.version = version
-        self.layout_version = layout_version
-        self.modules = dict(modules or {})
-        kwargs.pop("quant_method", None)
-        # unknown keys from a newer writer are kept so a re-save does not drop them
-        for key, value in kwargs.items():
-            setattr(self, key, value)
-
-    def layout_dict(self) -> dict[str, Any]:
-        return self.to_dict()
+REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
-class QuantkitHfQuantizer(HfQuantizer):
-    """Loads pre-quantized quantkit checkpoints; cannot quantize on the fly."""
+def register_now() -> None:
+    """Register the quantizer (imports the registry). Idempotent."""
+    from quantkit.hf_quantizer import register as _register
 
-    requires_calibration = True  # quantization happens in `quantkit apply`, not at load
+    _register()
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        for name in HANDLER_MODULES:
-            importlib.import_module(name)
 
-    def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        install_modules(model, self.quantization_config.layout_dict())
-        return model
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds REGISTRY_MODULE's real spec once and runs register_now after the module executes."""
 
-    def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        return model
+    def find_spec(self, fullname, path, target=None):
+        if fullname != REGISTRY_MODULE:
+            return None
+        _remove_hook()  # one shot; also lets the lookup below reach the normal finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_module = spec.loader.exec_module
 
-    def is_serializable(self) -> bool:
-        return True
+        def exec_module(module):
+            run_module(module)
+            register_now()
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
+        spec.loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterAfterImport)]
 
 
 def register() -> None:
-    """Idempotent: safe if quantkit is imported twice or the module is reloaded."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(QuantkitConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(QuantkitHfQuantizer)
+    """Register now if transformers' registry is loaded, else as soon as it is. Idempotent."""
+    if REGISTRY_MODULE in sys.modules:
+        register_now()
+        return
+    if importlib.util.find_spec("transformers") is None:
+        return  # transformers missing: quantkit's library API still works without it
+    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 register()

@@ -172,9 +172,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipes_dir() -> Path:
-    from quantkit.paths import PROJECT_ROOT
+    from quantkit.paths import recipes_dir as shipped_recipes  # package data when installed
 
-    return PROJECT_ROOT / "recipes"
+    return shipped_recipes()
 
 
 def resolve_recipe_path(path: str | Path) -> Path:

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantkit.cli import app
+from quantkit.cli_common import PROGRESS_PREFIX
 
 runner = CliRunner()
 FAST = ["--set", "calib.n_samples=2", "--set", "calib.seq_len=32", "--set", "eval.max_windows=2",
@@ -17,11 +18,20 @@ def run(*args):
 
 
 def one_line_error(result, code=2):
+    """The error is one line; plain progress lines (stderr is not a terminal here) may precede it."""
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(PROGRESS_PREFIX)]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
+
+
+def envelope(result, ok=True):
+    """stdout is exactly one JSON object of the documented shape."""
+    data = json.loads(result.stdout)
+    assert set(data) == {"schema_version", "ok", "error", "report"} and data["schema_version"] == 1
+    assert data["ok"] is ok and (data["error"] is None) is ok
+    return data
 
 
 def test_missing_recipe(tmp_path, tiny_llama_dir):
@@ -100,7 +110,7 @@ def test_apply_writes_checkpoint_and_reports(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     result = run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--json")
     assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = envelope(result)["report"]
     assert report["ppl_before"] > 0 and report["ppl_after"] > 0 and report["kl"] >= 0
     for name in ("model.safetensors", "config.json", "recipe.yaml", "report.json", "report.md", "tokenizer.json"):
         assert (out / name).exists(), name
@@ -119,14 +129,14 @@ def test_quality_gate_fails_with_exit_1_and_writes_nothing(tmp_path, tiny_llama_
 def test_validate_ok_and_json():
     result = run("validate", "int8-w8a8", "--json")
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["name"] == "int8-w8a8"
+    assert envelope(result)["report"]["name"] == "int8-w8a8"
 
 
 @pytest.mark.parametrize("command", ["recipes", "formats", "passes"])
 def test_listing_commands_emit_json(command):
     result = run(command, "--json")
     assert result.exit_code == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = envelope(result)["report"]
     assert rows and all("name" in r for r in rows)
 
 
@@ -135,7 +145,7 @@ def test_inspect_shows_quantized_parts(tmp_path, tiny_llama_dir):
     assert run("apply", "int8-w8a8", tiny_llama_dir, "-o", out, *FAST, "--no-eval").exit_code == 0
     result = run("inspect", out, "--json")
     assert result.exit_code == 0, result.stderr
-    info = json.loads(result.stdout)
+    info = envelope(result)["report"]
     assert info["quant_method"] == "compressed-tensors"
     assert info["quantized_modules"] == 14
     assert info["parts"]["quantized: weight"]["dtypes"] == ["I8"]

@@ -1,0 +1,1 @@
+"""Adapters to tools people already use: optimum-cli, lm-evaluation-harness."""
