@@ -264,21 +264,32 @@ from quantkit.cli_verify import verify  # noqa: E402
 app.command("verify")(verify)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """click's UsageError: typer vendors its own copy of click (typer._click) in recent versions."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).UsageError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     """Console entry point. With --json, usage errors (bad options) also answer with the envelope."""
-    import click
-
     argv = list(sys.argv[1:] if args is None else args)
     if "--json" not in argv:
         app(args=argv, prog_name=prog_name)
         return
     try:
         code = app(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.UsageError as e:
+    except _usage_errors() as e:
         print_json(json_envelope(None, e, 2))
         e.show()
         sys.exit(2)
-    except click.Abort:
+    except typer.Abort:
         print_json(json_envelope(None, KeyboardInterrupt("interrupted"), 130))
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -190,8 +190,8 @@ class PlainProgress:
             nonlocal done, last
             done += n
             now = self.clock()
-            if now - last < self.interval:
-                return
+            if now - last < self.interval or (total and done >= total):
+                return  # rate-limited; a finished stage gets its "done" line instead
             last = now
             elapsed = now - start
             line = f"{PROGRESS_PREFIX}{description}: {done}/{total or '?'} elapsed {_clock(elapsed)}"

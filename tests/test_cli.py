@@ -153,3 +153,94 @@ def test_inspect_shows_quantized_parts(tmp_path, tiny_llama_dir):
 
 def test_inspect_rejects_non_checkpoint(tmp_path):
     assert one_line_error(run("inspect", tmp_path)) == f"error: {tmp_path} is not a checkpoint directory (no config.json in it)"
+
+
+# --- the --json envelope, streams, progress for logs ---
+
+
+def test_json_error_is_one_envelope_on_stdout(tmp_path, tiny_llama_dir):
+    result = run("apply", tmp_path / "none.yaml", tiny_llama_dir, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 2
+    data = envelope(result, ok=False)
+    assert data["error"] == {"type": "RecipeError", "exit_code": 2,
+                             "message": f"recipe file {tmp_path / 'none.yaml'} does not exist"}
+    assert data["report"] is None
+
+
+def test_json_quality_gate_failure_carries_the_report(tmp_path, tiny_llama_dir):
+    result = run("apply", "int8-w8a8", tiny_llama_dir, "-o", tmp_path / "out", *FAST, "--max-kl", "0", "--json")
+    assert result.exit_code == 1
+    data = envelope(result, ok=False)
+    assert data["error"]["type"] == "QualityGateError" and data["error"]["exit_code"] == 1
+    assert data["report"]["gates"][0]["ok"] is False
+
+
+def test_json_usage_error_through_main_is_an_envelope(capsys):
+    from quantkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["recipes", "--json", "--no-such-option"])
+    assert exc.value.code == 2
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and data["error"]["type"] == "NoSuchOption" and data["error"]["exit_code"] == 2
+
+
+def test_listing_without_json_goes_to_stdout_only():
+    result = run("recipes")
+    assert result.exit_code == 0 and "int8-w8a8" in result.stdout and result.stderr == ""
+
+
+def test_passes_prints_readable_field_types():
+    rows = envelope(run("passes", "--json"))["report"]
+    types = {f"{r['name']}.{k}": v["type"] for r in rows for k, v in r["fields"].items()}
+    assert not any("typing." in t or "<class" in t for t in types.values()), types
+    assert types["gptq.act_format"] == "str | None"
+    assert types["gptq.mode"] == "fake | real"  # a Literal reads as its choices
+    text = run("passes").stdout
+    assert "<class" not in text and "typing." not in text
+
+
+def test_plain_progress_lines_are_rate_limited_with_eta():
+    import io
+
+    from quantkit.cli_common import PlainProgress
+
+    now = [0.0]
+    buf = io.StringIO()
+    progress = PlainProgress(buf, interval=5.0, clock=lambda: now[0])
+    with progress.stage("quantize", 10) as advance:
+        for _ in range(10):
+            now[0] += 1.0  # one unit per second: a line at most every 5 s
+            advance(1)
+    lines = buf.getvalue().splitlines()
+    assert lines == [
+        "[quantkit] quantize: started (0/10)",
+        "[quantkit] quantize: 5/10 elapsed 0:05 eta 0:05",
+        "[quantkit] quantize: done 10/10 in 0:10",
+    ]
+
+
+def test_every_option_has_help_text():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option" and not (param.help or "").strip():
+                missing.append(f"{name} {param.opts[0]}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("formats", ["nvfp4", "nvfp4,mxfp4"])
+def test_sensitivity_json_has_the_same_envelope_for_one_or_several_formats(formats, tmp_path, monkeypatch):
+    import quantkit.models
+    from tests.analysis.test_sensitivity import _CharTokenizer, tiny_model
+
+    monkeypatch.setattr(quantkit.models, "load_model", lambda spec, **kw: (tiny_model(), _CharTokenizer()))
+    result = run("sensitivity", "tiny", "--format", formats, "--samples", "2", "--seq-len", "16",
+                 "--isolation", "component", "-o", tmp_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    results = envelope(result)["report"]["results"]
+    assert [r["format"] for r in results] == formats.split(",")
+    assert "most sensitive" in result.stderr  # the tables go to stderr, stdout is the JSON alone
