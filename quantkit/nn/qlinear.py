@@ -1,8 +1,9 @@
 """QLinear: a Linear whose weight is a QTensor.
 
 mode "fake": the dequantized weight is cached densely (accuracy studies, fast forward).
-mode "real": only codes and scales are held; forward dequantizes block-wise, or for int8
-weights with int8 activations runs an int8 x int8 -> int32 matmul (torch._int_mm).
+mode "real": only codes and scales are held; forward runs the kernel chosen for the format,
+device and input dtype (quantkit.nn.kernels: int8 W8A8 with exact int32 accumulation, torch's
+int8/int4 weight-only kernels, FP4 dequantized tile by tile). ``kernel`` says which and why.
 The QTensor is kept in both modes so export writes the exact codes.
 """
 
@@ -14,9 +15,15 @@ from torch import nn
 
 from quantkit.formats import get_format
 from quantkit.formats.base import QTensor
-from quantkit.formats.int8 import quantize_rows
+from quantkit.nn.kernels import cuda as k_cuda
+from quantkit.nn.kernels import int4 as k_int4
+from quantkit.nn.kernels import int8 as k_int8
+from quantkit.nn.kernels import tiled
+from quantkit.nn.kernels.select import Choice, Device, choose
 
-_HAS_INT_MM = hasattr(torch, "_int_mm")
+# quantization parameters keep their stored dtype through model.to(dtype)/.half()/.float():
+# rounding an fp32 global scale or an E4M3 block scale to bf16 would change what the codes mean
+PROTECTED_BUFFERS = ("weight_scale", "weight_global_scale", "input_global_scale", "output_scale")
 
 
 class QLinear(nn.Module):
@@ -45,6 +52,8 @@ class QLinear(nn.Module):
         self.register_buffer("output_scale", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._dense: torch.Tensor | None = None
+        self._choices: dict[tuple[torch.device, torch.dtype], Choice] = {}
+        self._kcache: dict[str, torch.Tensor] = {}  # kernel-specific derived tensors, not in state_dict
         if mode == "fake":
             self._dense = self.dequantized_weight(compute_dtype)
 
@@ -69,49 +78,82 @@ class QLinear(nn.Module):
         """Multiply output rows by scale [out] exactly, without touching the codes."""
         prev = self.output_scale if self.output_scale is not None else torch.ones_like(scale, dtype=torch.float32)
         self.output_scale = (prev * scale.float()).to(self.weight_codes.device)
+        self._kcache.clear()
         if self.mode == "fake":
             self._dense = self.dequantized_weight(self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
-        # .to()/.float()/.cuda(): rebuild the dense cache from the codes in the new dtype rather
-        # than casting it, so a bf16 cache never leaks bf16 rounding into an fp32 model
+        # .to()/.float()/.cuda(): quantization parameters move device but keep their dtype, and
+        # the dense cache is rebuilt from the codes in the new dtype rather than cast, so a bf16
+        # cache never leaks bf16 rounding into an fp32 model
+        kept = {n: self._buffers[n] for n in PROTECTED_BUFFERS if self._buffers.get(n) is not None}
+        probe = fn(torch.zeros(1, dtype=self.compute_dtype, device=self.weight_codes.device))
         super()._apply(fn, recurse)
-        if self._dense is not None:
-            probe = fn(torch.zeros(1, dtype=self.compute_dtype, device=self._dense.device))
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        if probe.is_floating_point():
             self.compute_dtype = probe.dtype
+        self._choices.clear()
+        self._kcache.clear()
+        if self._dense is not None:
             self._dense = self.dequantized_weight(self.compute_dtype).to(probe.device)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if self.weight_format == "int8" and self.act_format == "int8" and self.mode == "real" and _HAS_INT_MM:
-            return self._int8_forward(x)
-        if self.act_format is not None:
-            x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
-        w = self._dense if self._dense is not None else self.dequantized_weight(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x, w.to(dtype), bias)
+    # -- kernel selection -------------------------------------------------------------------------
+    @property
+    def kernel(self) -> Choice:
+        """The kernel a forward in compute_dtype runs, with the reason (reports, `inspect`)."""
+        return self.kernel_for(self.compute_dtype)
 
-    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_for(self, dtype: torch.dtype) -> Choice:
+        device = self.weight_codes.device
+        key = (device, dtype)
+        if key not in self._choices:
+            self._choices[key] = choose(self.weight_format, self.act_format, self.mode,
+                                        (self.out_features, self.in_features), Device.of(device), dtype,
+                                        self.qmeta.get("group"))
+        return self._choices[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:  # fake mode
+            if self.act_format is not None:
+                x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self._dense.to(x.dtype), bias)
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        xq, xs = quantize_rows(flat)  # [T, in] int8, [T, 1]
-        rows = flat.shape[0]
-        if rows <= 16:  # _int_mm wants more than 16 rows on some backends; pad
-            xq = F.pad(xq, (0, 0, 0, 17 - rows))
-        acc = torch._int_mm(xq, self.weight_codes.t())[:rows]  # [T, out] int32, exact accumulation
-        ws = self.weight_scale.reshape(1, -1).to(torch.float32)
-        if self.output_scale is not None:
-            ws = ws * self.output_scale.reshape(1, -1)
-        y = acc.to(torch.float32) * xs.to(torch.float32) * ws
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        flat = x.reshape(-1, shape[-1])  # [T, in]
+        y = self._run(self.kernel_for(x.dtype).name, flat)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out] with the named kernel."""
+        if kernel in ("int8_exact_f32", "int_mm"):
+            rows = tiled.tile_rows(self.out_features, k_int8.EXACT_F32_K, torch.float32)
+            return k_int8.w8a8_linear(x, self, kernel, rows)
+        if kernel == "int8pack_mm":
+            if "scales_bf16" not in self._kcache:
+                self._kcache["scales_bf16"] = self.weight_scale.reshape(-1).to(torch.bfloat16).contiguous()
+            return k_int8.w8a16_linear(x, self, self._kcache["scales_bf16"])
+        if kernel == "int4pack_mm":
+            group = self.qmeta.get("group") or self.in_features
+            key = f"int4pack_{x.dtype}"
+            if "int4pack" not in self._kcache:  # built on first use: models that never run stay packed once
+                self._kcache["int4pack"] = k_int4.pack_for_cpu(self.weight_codes)
+            if key not in self._kcache:
+                self._kcache[key] = k_int4.scales_and_zeros(self.weight_scale, x.dtype)
+            return k_int4.int4_linear(x, self._kcache["int4pack"], group, self._kcache[key], self)
+        if kernel.startswith("scaled_mm_"):
+            return k_cuda.fp4_scaled_mm(x, self, get_format(self.weight_format))
+        if self.act_format is not None:  # fake_act_tiled
+            x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
+        return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale)
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, weight={self.weight_format}, "
-            f"act={self.act_format}, mode={self.mode}"
+            f"act={self.act_format}, mode={self.mode}, kernel={self.kernel.name}"
         )
 
 

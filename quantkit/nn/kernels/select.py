@@ -1,0 +1,112 @@
+"""Which kernel a real-mode QLinear runs, and why: pure logic over (format, activations, device).
+
+One function serves CPU and CUDA so the routing is tested on a CPU-only machine: the device's
+capabilities come in as a plain ``Device`` record, never queried inside ``choose``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
+INT4_CPU_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
+INT_MM_CUDA_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8
+FP4_SCALED_MM_CAPABILITY = (10, 0)  # block-scaled FP4 MMA: Blackwell (sm_100) and newer
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the chooser needs to know about a device."""
+
+    type: str  # "cpu" or "cuda"
+    vnni: bool = False  # CPU: AVX512-VNNI/AMX, where oneDNN runs _int_mm as a real int8 GEMM
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability
+
+    @staticmethod
+    def of(device: torch.device | str) -> Device:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return Device("cuda", capability=torch.cuda.get_device_capability(device))
+        if device.type == "cpu":
+            return Device("cpu", vnni=_cpu_vnni())
+        return Device(device.type)
+
+
+def _cpu_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A kernel name (stable, for reports and tests) and a one-line reason (for people)."""
+
+    name: str
+    reason: str
+
+
+def _int4_group(weight_format: str, in_features: int, group: int | None) -> int:
+    if group is None:  # "int4" family: group 0 means one scale per row
+        return 0
+    return group or in_features
+
+
+def choose(
+    weight_format: str,
+    act_format: str | None,
+    mode: str,
+    shape: tuple[int, int],
+    device: Device,
+    compute_dtype: torch.dtype,
+    group: int | None = None,
+) -> Choice:
+    """The kernel for a QLinear of ``shape`` (out, in) whose inputs arrive in ``compute_dtype``."""
+    out_f, in_f = shape
+    if mode == "fake":
+        return Choice("dense", "fake mode: the dequantized weight is cached, plain F.linear")
+    fp4 = weight_format in ("nvfp4", "mxfp4") or weight_format.startswith("mxfp4_")
+    if weight_format == "int8" and act_format == "int8":
+        if device.type == "cuda":
+            if out_f % INT_MM_CUDA_MULTIPLE == 0 and in_f % INT_MM_CUDA_MULTIPLE == 0:
+                return Choice("int_mm", "CUDA: torch._int_mm, int8 x int8 -> int32 on tensor cores")
+            return Choice("int8_exact_f32", f"CUDA _int_mm needs in/out multiples of {INT_MM_CUDA_MULTIPLE}")
+        if device.vnni:
+            return Choice("int_mm", "CPU has VNNI/AMX: torch._int_mm runs oneDNN's u8s8 int8 GEMM")
+        return Choice(
+            "int8_exact_f32",
+            "CPU without VNNI: torch._int_mm is a scalar loop here; integer codes multiply exactly on "
+            "the fp32 GEMM in K-chunks of 1024 (every partial sum < 2**24)",
+        )
+    if act_format is not None:
+        if fp4 and act_format == weight_format and device.type == "cuda" and device.capability >= FP4_SCALED_MM_CAPABILITY:
+            return Choice(f"scaled_mm_{act_format[:5]}", "CUDA sm_100+: torch._scaled_mm with FP4 block scales")
+        return Choice(
+            "fake_act_tiled",
+            f"{act_format} activations are fake-quantized (no {device.type} kernel multiplies them packed); "
+            "weight dequantized tile by tile",
+        )
+    if weight_format == "int8":
+        if device.type == "cpu" and compute_dtype == torch.bfloat16:
+            return Choice("int8pack_mm", "CPU bf16: torch _weight_int8pack_mm (int8 weight, per-row scale)")
+        return Choice("tiled_dequant", f"{device.type} {compute_dtype}: no int8 weight-only kernel; tile dequant")
+    if weight_format.startswith("int4"):
+        g = _int4_group(weight_format, in_f, group)
+        if device.type != "cpu":
+            return Choice("tiled_dequant", "int4 on CUDA: tinygemm's layout is not wired; tile dequant")
+        if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return Choice("tiled_dequant", f"{compute_dtype} inputs: tile dequant")
+        if g not in INT4_CPU_GROUPS:
+            return Choice("tiled_dequant", f"group {g} is not one of {INT4_CPU_GROUPS} that torch's int4 kernel takes")
+        if out_f % INT4_CPU_N_MULTIPLE:
+            return Choice("tiled_dequant", f"out_features {out_f} is not a multiple of {INT4_CPU_N_MULTIPLE}")
+        return Choice("int4pack_mm", f"CPU: torch _weight_int4pack_mm_for_cpu, group {g}")
+    if fp4:
+        return Choice(
+            "tiled_dequant",
+            "FP4 weight-only: no CPU/CUDA kernel takes E2M1 with bf16 activations; dequantized tile by tile "
+            "into one shared scratch buffer",
+        )
+    return Choice("tiled_dequant", f"{weight_format}: generic dequantize tile by tile")
