@@ -22,17 +22,23 @@ _TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
 _TIE_UP = (0.75, 1.75, 3.5)
 
 
+# Module-level tables name the CPU explicitly: the first import can happen inside a caller's
+# `with torch.device("meta")` (a model skeleton built on meta), which would make them data-less.
+_CPU = torch.device("cpu")
+
+
 def _boundaries() -> torch.Tensor:
-    b = torch.tensor(sorted(_TIE_DOWN + _TIE_UP), dtype=torch.float32)
-    up = torch.tensor([v in _TIE_UP for v in b.tolist()])
-    return torch.where(up, torch.nextafter(b, torch.tensor(0.0)), b)
+    b = torch.tensor(sorted(_TIE_DOWN + _TIE_UP), dtype=torch.float32, device=_CPU)
+    up = torch.tensor([v in _TIE_UP for v in sorted(_TIE_DOWN + _TIE_UP)], device=_CPU)
+    return torch.where(up, torch.nextafter(b, torch.zeros((), device=_CPU)), b)
 
 
 _BOUNDS = _boundaries()  # [7] fp32
 # value of each of the 16 codes, sign in bit 3 (code 8 decodes to -0.0)
-_CODE_LUT = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32)
+_CODE_LUT = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=_CPU)
 # value pair of each of the 256 bytes: [256, 2], column 0 = low nibble = even element
-_BYTE_LUT = torch.stack([_CODE_LUT[torch.arange(256) & 0xF], _CODE_LUT[torch.arange(256) >> 4]], dim=1)
+_BYTES = torch.arange(256, device=_CPU)
+_BYTE_LUT = torch.stack([_CODE_LUT[_BYTES & 0xF], _CODE_LUT[_BYTES >> 4]], dim=1)
 
 _lut_cache: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 

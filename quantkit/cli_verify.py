@@ -1,0 +1,62 @@
+"""`quantkit verify`: the typer command; cli.py registers it with app.command("verify").
+
+Exit codes: 0 clean (warnings allowed), 1 errors found, 2 bad input. Findings go to stderr;
+with --json the report (VerifyResult.to_dict) is the envelope's "report".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from quantkit.cli_common import JsonOpt, err_console, error_boundary
+
+SourceOpt = Annotated[str | None, typer.Option(
+    "--source", help="the unquantized model (hub id, directory, GGUF or alias): compare every layer with it")]
+CheapOpt = Annotated[bool, typer.Option("--cheap", help="config, tensor headers and scales only; no load or forward")]
+LmHeadOpt = Annotated[bool, typer.Option("--allow-quantized-lm-head", help="a quantized lm_head is intended")]
+
+
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="a compressed-tensors or quantkit-layout checkpoint directory")],
+    source: SourceOpt = None,
+    cheap: CheapOpt = False,
+    allow_quantized_lm_head: LmHeadOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a checkpoint: config, tensors, shapes, that it runs, and (with --source) every layer's error."""
+    with error_boundary(as_json) as outcome:
+        from quantkit.verify import VerifyFailed, verify_checkpoint
+
+        result = verify_checkpoint(checkpoint, source=source, cheap=cheap,
+                                   allow_quantized_lm_head=allow_quantized_lm_head)
+        _print(result)
+        outcome.report = result.to_dict()
+        if not result.ok:
+            raise VerifyFailed(result)
+
+
+def _print(result) -> None:
+    console = err_console
+    for f in result.errors + result.warnings:
+        colour = "red" if f.severity == "error" else "yellow"
+        where = f"{f.module}: " if f.module else ""
+        console.print(f"[{colour}]{f.severity}[/{colour}] " + escape(f"[{f.check}] {where}{f.message}"),
+                      highlight=False, soft_wrap=True)
+    tp = result.info.get("tensor_parallel")
+    if tp:
+        console.print(f"largest tensor-parallel degree: {tp['max_degree']} (limited by {tp['limited_by'][0]})",
+                      highlight=False, markup=False)
+    run = result.info.get("run")
+    if run and "runtime_rel_max_diff" in run:
+        console.print(f"quantkit runtime vs transformers: max logit difference {run['runtime_rel_max_diff']:.3g} "
+                      f"of the largest logit (tolerance {run['runtime_tolerance']})", highlight=False, markup=False)
+    src = result.info.get("source")
+    if src:
+        console.print(f"vs source: median relative error {src['median_rel_err']:.4g}, max {src['max_rel_err']:.4g} "
+                      f"over {len(src['layers'])} layers", highlight=False, markup=False)
+    if result.ok:
+        console.print(f"ok {result.summary()}", highlight=False, markup=False)

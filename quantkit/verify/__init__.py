@@ -1,0 +1,55 @@
+"""`quantkit verify`: check that a checkpoint is what engines expect, before anyone serves it.
+
+    result = verify_checkpoint("out/qwen-nvfp4", source="Qwen/Qwen2.5-0.5B")
+    result.errors, result.warnings, result.to_dict()
+
+``cheap=True`` reads the config and the tensor headers and scales only (what ``apply`` runs on its
+output before the final rename); the default also loads the checkpoint and runs a forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantkit.verify.checkpoint import Checkpoint, VerifyInputError
+from quantkit.verify.result import Finding, VerifyFailed, VerifyResult
+
+__all__ = ["Finding", "VerifyFailed", "VerifyInputError", "VerifyResult", "verify_checkpoint"]
+
+
+def verify_checkpoint(
+    path: str | Path,
+    *,
+    source: str | None = None,
+    run: bool = True,
+    cheap: bool = False,
+    allow_quantized_lm_head: bool = False,
+) -> VerifyResult:
+    """Check a compressed-tensors or quantkit-layout checkpoint; bad input raises VerifyInputError."""
+    from quantkit.verify.config_checks import check_config
+    from quantkit.verify.layout_checks import check_quantkit_layout
+    from quantkit.verify.run_checks import check_runs
+    from quantkit.verify.shape_checks import check_shapes
+    from quantkit.verify.source_checks import check_source
+    from quantkit.verify.tensor_checks import check_tensors
+    from quantkit.verify.transform_checks import check_transforms
+
+    ckpt = Checkpoint(Path(path))
+    result = VerifyResult(path=str(path), quant_method=ckpt.quant_method)
+    if ckpt.skeleton_note:
+        result.warn("skeleton", ckpt.skeleton_note + "; module names and shapes come from the tensor names")
+    if ckpt.quant_method == "compressed-tensors":
+        plan = check_config(ckpt, result, allow_quantized_lm_head=allow_quantized_lm_head)
+        check_transforms(ckpt, result)
+        check_tensors(ckpt, result, plan)
+        check_shapes(ckpt, result, plan)
+    else:
+        plan = None
+        check_quantkit_layout(ckpt, result)
+    if cheap:
+        return result
+    if run:
+        check_runs(ckpt, result)
+    if source is not None and plan is not None:
+        check_source(ckpt, result, plan, source)
+    return result
