@@ -1,11 +1,16 @@
-"""FP4/INT4 quality on SmolLM2-135M: weight reconstruction error and perplexity per config.
+"""FP4 quality knobs on SmolLM2-135M: observer x weighting (x GPTQ x rotation when measured).
 
-Weights are quantized from the bf16 checkpoint exactly as export would (fused q/k/v and gate/up
-share one NVFP4 global scale), then dequantized into an fp32 copy of the model (fake quant,
-weight-only unless the config names an activation format). Perplexity uses
-quantkit.eval.perplexity on the held-out split, the same windows for every config.
+Honest selection: the calibration articles of calib_data/wiki_calib.jsonl are split by article
+into a calibration part (3 of every 4 articles) and a development part (every 4th). Activation
+statistics come from the calibration part; settings are chosen on the development perplexity;
+the held-out split (calib_data/wiki_eval.jsonl, via quantkit.eval.perplexity) is reported and
+never used to choose. Every config is scored on the same windows.
 
-    python bench/bench_fp4_quality.py [--windows 8] [--configs nvfp4,mxfp4_even,...]
+Weights are quantized from the bf16 checkpoint as export would (fused q/k/v and gate/up share one
+NVFP4 global scale) into fake-mode QLinears; the model then runs in fp32. W4A4 schemes quantize
+activations too (NVFP4: static input global scale from the calibration amax).
+
+    nice -n 10 .venv/bin/python bench/bench_fp4_quality.py [--windows 8] [--configs nvfp4a16:minmax:none,...]
 writes bench/results/<--name, default fp4_quality>.json and .md.
 """
 
@@ -13,127 +18,248 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
+import subprocess
+import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from quantkit.arch import arch_info
-from quantkit.eval import perplexity
-from quantkit.formats import get_format
-from quantkit.formats.search import mse_quantize
-from quantkit.models import load_model
-from quantkit.passes.quantize import Quantize
-from quantkit.targets import Targets
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-# name -> (weight format, weight observer, activation format)
-CONFIGS = {
-    "nvfp4": ("nvfp4", "minmax", None),
-    "nvfp4_mse": ("nvfp4", "mse", None),
-    "mxfp4_floor": ("mxfp4_floor", "minmax", None),
-    "mxfp4_even": ("mxfp4_even", "minmax", None),
-    "mxfp4_rceil": ("mxfp4_rceil", "minmax", None),
-    "mxfp4_ceil": ("mxfp4_ceil", "minmax", None),
-    "mxfp4_mse": ("mxfp4", "mse", None),
-    "int4": ("int4", "minmax", None),
-    "nvfp4_gptq": ("nvfp4", "gptq", None),
-    "mxfp4_gptq": ("mxfp4", "gptq", None),
+from quantkit.arch import arch_info  # noqa: E402
+from quantkit.calib import read_texts, token_stream  # noqa: E402
+from quantkit.eval import perplexity  # noqa: E402
+from quantkit.formats import get_format  # noqa: E402
+from quantkit.formats.observers import OBSERVERS  # noqa: E402
+from quantkit.models import load_model  # noqa: E402
+from quantkit.nn.qlinear import QLinear  # noqa: E402
+from quantkit.passes.quantize import Quantize  # noqa: E402
+from quantkit.targets import Targets, set_module  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SCHEMES = {  # name -> (weight format, activation format)
+    "nvfp4a16": ("nvfp4", None),
+    "nvfp4": ("nvfp4", "nvfp4"),
+    "mxfp4a16": ("mxfp4", None),
+    "mxfp4": ("mxfp4", "mxfp4"),
 }
-CALIB = {"n_samples": 16, "seq_len": 512}  # GPTQ calibration, the recipes' default
+WEIGHTINGS = ("none", "channel", "hessian")
+DEFAULT_CONFIGS = [
+    "bf16",
+    *(f"nvfp4a16:{o}:none" for o in ("minmax", "mse", "e4m3_local", "four_over_six")),
+    "nvfp4a16:e4m3_local:channel", "nvfp4a16:e4m3_local:hessian",
+    "mxfp4a16:minmax:none", "mxfp4a16:mx_exp:none", "mxfp4a16:mx_exp:channel", "mxfp4a16:mx_exp:hessian",
+]
+DEV_EVERY = 4  # every 4th calibration article is development text
+CALIB_SAMPLES, SEQ_LEN, SEED = 16, 512, 0
 
 
-def quantize_weights(model, fmt_name: str, observer: str) -> dict[str, float]:
-    """Fake-quantize every target linear of the bf16 model; weights come back as fp32 in place.
+# -- data -------------------------------------------------------------------------------------
+def split_calib_texts() -> tuple[list[str], list[str]]:
+    """(calibration articles, development articles), split by whole article."""
+    from quantkit.calib import DEFAULT_SOURCE
 
-    Scales are computed on the bf16 weights (the checkpoint's dtype, as export does); the
-    dequantized weights are kept in fp32 so the fp32 forward sees them unrounded.
-    """
-    arch = arch_info(model)
-    fmt = get_format(fmt_name)
+    texts = read_texts(DEFAULT_SOURCE, "calib")
+    calib = [t for i, t in enumerate(texts) if i % DEV_EVERY != DEV_EVERY - 1]
+    dev = [t for i, t in enumerate(texts) if i % DEV_EVERY == DEV_EVERY - 1]
+    return calib, dev
+
+
+def windows_of(tok, texts: list[str], n: int | None, seed: int | None) -> torch.Tensor:
+    """Non-overlapping SEQ_LEN windows [N, SEQ_LEN]; seeded pick of n, or the first n in order."""
+    stream = token_stream(tok, texts)
+    w = stream[: stream.numel() // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+    if seed is not None:
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return w[pick].contiguous()
+    return w[:n] if n else w
+
+
+@torch.inference_mode()
+def window_ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def collect_stats(model, names: list[str], calib: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Per linear: E[x^2] per input channel [in], X^T X [in, in] (fp32), amax of |x| (scalar)."""
+    stats: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    tokens = {"n": 0}
+
+    def hook_for(name):
+        def hook(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, in]
+            s = stats[name]
+            s["sq"] = s.get("sq", 0) + x.square().sum(0)
+            s["h"] = s.get("h", 0) + x.T @ x
+            s["amax"] = torch.maximum(s.get("amax", torch.zeros(())), x.abs().amax())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for i in range(0, calib.shape[0], 4):
+            model(input_ids=calib[i : i + 4], use_cache=False, logits_to_keep=1)
+            tokens["n"] += calib[i : i + 4].numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    for s in stats.values():
+        s["sq"] = s["sq"] / tokens["n"]
+    return stats
+
+
+# -- one config -------------------------------------------------------------------------------
+def quantize_model(model, scheme: str, observer: str, weighting: str, stats) -> dict:
+    fmt_name, act = SCHEMES[scheme]
+    fmt, arch = get_format(fmt_name), arch_info(model)
     names = Targets().select(model, arch)
-    # the quantize pass's own rule: fused q/k/v and gate/up share the minimum global scale
     gs = Quantize(format=fmt_name)._global_scales(model, SimpleNamespace(arch=arch), names)
-    deq, err, ref = {}, 0.0, 0.0
+    act_fmt = None if act is None else get_format(act)
+    err = ref = 0.0
     for n in names:
-        w = model.get_submodule(n).weight.detach()
-        qt = mse_quantize(fmt, w, gs.get(n)) if observer == "mse" else fmt.quantize(w, gs.get(n))
-        deq[n] = fmt.dequantize(qt, torch.float32)
-        err += (deq[n] - w.float()).square().sum().item()
+        lin = model.get_submodule(n)
+        w = lin.weight.detach()
+        imp = None if weighting == "none" else stats[n]["sq" if weighting == "channel" else "h"]
+        qt = OBSERVERS.get(observer)(fmt, w, gs.get(n), imp)
+        igs = None if act_fmt is None else act_fmt.activation_global_scale(stats[n]["amax"].to(w.dtype).reshape(1))
+        q = QLinear(qt, lin.bias, mode="fake", act_format=act, input_global_scale=igs, compute_dtype=w.dtype)
+        err += (q.dequantized_weight() - w.float()).square().sum().item()
         ref += w.float().square().sum().item()
-    model.float()
-    for n, d in deq.items():
-        model.get_submodule(n).weight.data.copy_(d)
+        set_module(model, n, q)
     return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(names)}
 
 
-def gptq_weights(model, tok, fmt_name: str) -> dict[str, float]:
-    """Run the gptq pass (fake mode) on the model; weight error against the original weights."""
-    from quantkit.calib import load_calib
-    from quantkit.context import Context
-    from quantkit.nn.qlinear import QLinear
-    from quantkit.passes.gptq import Gptq
-
-    arch = arch_info(model)
-    originals = {n: model.get_submodule(n).weight.detach().clone() for n in Targets().select(model, arch)}
-    ctx = Context(model=model, tokenizer=tok, arch=arch, device=torch.device("cpu"), calib=load_calib(tok, **CALIB))
-    Gptq(format=fmt_name, mode="fake").run(model, ctx)
-    err = ref = 0.0
-    for n, w in originals.items():
-        q = model.get_submodule(n)
-        assert isinstance(q, QLinear)
-        err += (q.dequantized_weight(torch.float32) - w.float()).square().sum().item()
-        ref += w.float().square().sum().item()
-    return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(originals), **CALIB}
-
-
-def run_config(name: str, windows: int) -> dict:
+def run_config(spec: str, windows: int, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
     model.eval()
-    row = {"config": name}
+    row: dict = {"config": spec}
     t = time.time()
-    if name == "bf16":
-        model.float()  # bf16 weights, fp32 compute: the same forward as every quantized config
-    else:
-        fmt_name, observer, _act = CONFIGS[name]
-        if observer == "gptq":
-            stats = gptq_weights(model.float(), tok, fmt_name)
-        else:
-            stats = quantize_weights(model, fmt_name, observer)
-        row.update(format=fmt_name, observer=observer, **stats)
+    if spec != "bf16":
+        scheme, observer, weighting = spec.split(":")
+        names = Targets().select(model, arch_info(model))
+        if "stats" not in cache:
+            t0 = time.time()
+            cache["stats"] = collect_stats(model, names, calib)
+            cache["stats_s"] = round(time.time() - t0, 1)
+        row.update(scheme=scheme, observer=observer, weighting=weighting,
+                   **quantize_model(model, scheme, observer, weighting, cache["stats"]))
     row["quantize_s"] = round(time.time() - t, 1)
+    model.float()  # fp32 compute for every config; QLinear rebuilds its dense cache from the codes
     t = time.time()
-    row["ppl"] = perplexity(model, tok, seq_len=512, max_windows=windows)
-    row["ppl_s"] = round(time.time() - t, 1)
+    row["dev_ppl"] = window_ppl(model, dev)
+    row["heldout_ppl"] = perplexity(model, tok, seq_len=SEQ_LEN, max_windows=windows)
+    row["eval_s"] = round(time.time() - t, 1)
     return row
 
 
-def write(rows: list[dict], windows: int, name: str = "fp4_quality") -> None:
+# -- random-weight check ----------------------------------------------------------------------
+def tiny_weight_errors() -> list[dict]:
+    """Weight rel. error per observer on a random-weight tiny Llama (no Q4_1 origin)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    arch = arch_info(model)
+    names = Targets().select(model, arch)
+    rows = []
+    for fmt_name, observers in (("nvfp4", ("minmax", "mse", "e4m3_local", "e4m3_grid", "four_over_six", "range_mse")),
+                                ("mxfp4", ("minmax", "mse", "mx_exp"))):
+        fmt = get_format(fmt_name)
+        gs = Quantize(format=fmt_name)._global_scales(model, SimpleNamespace(arch=arch), names)
+        for obs in observers:
+            err = ref = 0.0
+            for n in names:
+                w = model.get_submodule(n).weight.detach()
+                qt = OBSERVERS.get(obs)(fmt, w, gs.get(n))
+                err += (fmt.dequantize(qt) - w.float()).square().sum().item()
+                ref += w.float().square().sum().item()
+            rows.append({"format": fmt_name, "observer": obs, "weight_rel_err": (err / ref) ** 0.5})
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------
+def environment(argv: list[str]) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantkit", "bench"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    return {"commit": commit, "tree_dirty": bool(dirty), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
+            "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
+
+
+def write(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = next((r["ppl"] for r in rows if r["config"] == "bf16"), None)
-    out = {"model": "smollm2-135m", "eval": f"held-out split, {windows} windows x 512 tokens", "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    lines = [f"# FP4/INT4 weight-only quality, SmolLM2-135M ({out['eval']})", "",
-             "| config | weight rel. error | ppl | ppl / bf16 |", "|---|---|---|---|"]
+    out["environment"]["machine"]["loadavg_now"] = os.getloadavg()
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    rows = out["rows"]
+    base = next((r for r in rows if r["config"] == "bf16"), None)
+    lines = [f"# FP4 quality knobs, SmolLM2-135M ({out['eval']})", "",
+             f"Calibration statistics: {out['calib']}. Development ppl chooses; held-out ppl is reported.", "",
+             "| scheme | observer | weighting | weight rel. err | dev ppl | held-out ppl | Δppl held-out | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['ppl'] / base:.3f}" if base else "-"
-        lines.append(f"| {r['config']} | {r.get('weight_rel_err', 0):.4f} | {r['ppl']:.2f} | {ratio} |")
+        d = f"{r['heldout_ppl'] - base['heldout_ppl']:+.3f}" if base else "-"
+        lines.append(f"| {r.get('scheme', 'bf16')} | {r.get('observer', '-')} | {r.get('weighting', '-')} | "
+                     f"{r.get('weight_rel_err', 0):.4f} | {r['dev_ppl']:.3f} | {r['heldout_ppl']:.3f} | {d} | "
+                     f"{r['quantize_s']} |")
+    if out.get("tiny"):
+        lines += ["", "Random-weight tiny Llama (hidden 128, 2 layers), weight rel. error per observer:", "",
+                  "| format | observer | weight rel. err |", "|---|---|---|"]
+        lines += [f"| {r['format']} | {r['observer']} | {r['weight_rel_err']:.5f} |" for r in out["tiny"]]
+    env = out["environment"]
+    lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; "
+              f"versions {env['versions']}; load average at start {env['machine']['loadavg_start']}, "
+              f"at write {env['machine']['loadavg_now']} on {env['machine']['cpus']} CPUs (shared: timings are not "
+              "comparable between rows)."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser()
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--configs", default="bf16," + ",".join(CONFIGS))
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+    p.add_argument("--dev-windows", type=int, default=8, help="development windows of 512 tokens")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="bf16 or scheme:observer:weighting, ...")
+    p.add_argument("--no-tiny", action="store_true", help="skip the random-weight tiny-model check")
     p.add_argument("--name", default="fp4_quality", help="results file stem under bench/results/")
     args = p.parse_args(argv)
-    rows = []
-    for name in args.configs.split(","):
-        rows.append(run_config(name, args.windows))
-        print(json.dumps(rows[-1]), flush=True)
-        write(rows, args.windows, args.name)
-    return rows
+    _, tok = load_model("smollm2-135m", dtype="bfloat16")
+    calib_texts, dev_texts = split_calib_texts()
+    calib = windows_of(tok, calib_texts, CALIB_SAMPLES, SEED)
+    dev = windows_of(tok, dev_texts, args.dev_windows, None)
+    out = {"model": "smollm2-135m", "eval": f"held-out split, {args.windows} windows x {SEQ_LEN} tokens; dev split "
+           f"{dev.shape[0]} windows x {SEQ_LEN} from every {DEV_EVERY}th calibration article",
+           "calib": f"{CALIB_SAMPLES} x {SEQ_LEN} tokens (seed {SEED}) from the other calibration articles",
+           "environment": environment(argv), "rows": [], "tiny": []}
+    if not args.no_tiny:
+        out["tiny"] = tiny_weight_errors()
+        write(out, args.name)
+    cache: dict = {}
+    for spec in args.configs.split(","):
+        row = run_config(spec, args.windows, dev, calib, cache)
+        out["rows"].append(row)
+        out["stats_s"] = cache.get("stats_s")
+        print(json.dumps(row), flush=True)
+        write(out, args.name)
+    return out
 
 
 if __name__ == "__main__":
