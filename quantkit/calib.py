@@ -1,140 +1,145 @@
-"""Calibration text -> fixed-length token batches, seeded, deterministic and cached on disk."""
+"""Calibration text -> fixed-length token batches, seeded, deterministic and cached on disk.
+
+Sources (recipe `calib.source`): "default" (the shipped Wikipedia split), a local
+.jsonl/.json/.csv/.parquet/.txt file, or a Hugging Face hub dataset name. Documents are visited
+in a seeded order (an exact permutation for local files, datasets' streaming shuffle buffer for
+the hub) and tokenized only until the buffer is full: each document contributes at most one
+window (its first seq_len tokens), so n_samples windows come from about n_samples documents,
+as llm-compressor's calibration does. Only when the documents run out before the buffer is full
+(a few long documents) is everything read again without that cap.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantkit.calib_sources import Source, open_source
 from quantkit.errors import CalibrationError
 from quantkit.io import file_lock
 from quantkit.paths import cache_dir, calib_data_dir
 
 DEFAULT_SOURCE = "default"
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise CalibrationError(f"{path}:{i}: expected an object with a 'text' string")
-            texts.append(text)
-    return texts
+LOADER_VERSION = 2  # part of the cache key: bump when the window selection changes
 
 
 def read_texts(source: str, split: str = "calib") -> list[str]:
-    """Documents from the shipped data, a local .txt/.jsonl/.parquet file, or a hub dataset."""
-    if source == DEFAULT_SOURCE:
-        path = calib_data_dir() / ("wiki_calib.jsonl" if split == "calib" else "wiki_eval.jsonl")
-        if not path.exists():
-            raise CalibrationError(f"shipped data {path} is missing; run python calib_data/build.py")
-        return _read_jsonl(path)
+    """Every document of a source as text (evaluation reads the whole held-out split)."""
     path = Path(source).expanduser()
-    if path.exists():
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path)
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise CalibrationError(f"{path}: parquet file has no 'text' column")
-            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
-        return [path.read_text(encoding="utf-8")]
-    if source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl", ".parquet")):
-        raise CalibrationError(f"calibration file {source} does not exist")
-    return _hub_texts(source, split)
-
-
-def _hub_texts(name: str, split: str) -> list[str]:
-    import datasets
-
-    hub_split = "train" if split == "calib" else "test"
-    try:
-        ds = datasets.load_dataset(name, split=hub_split)
-    except Exception as e:  # datasets raises many types for offline / missing
-        raise CalibrationError(
-            f"dataset {name!r} could not be loaded (not cached and offline?): {str(e).splitlines()[0][:160]}"
-        ) from None
-    if "text" not in ds.column_names:
-        raise CalibrationError(f"dataset {name!r} has no 'text' column; columns: {', '.join(ds.column_names)}")
-    return [t for t in ds["text"] if t]
-
-
-def _source_fingerprint(source: str) -> str:
-    if source == DEFAULT_SOURCE:
-        path = calib_data_dir() / "wiki_calib.jsonl"
-    else:
-        path = Path(source).expanduser()
-    if path.exists():
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return source
+    if source != DEFAULT_SOURCE and path.suffix == ".txt" and path.is_file():
+        return [path.read_text(encoding="utf-8")]  # perplexity text: one document, no EOS inserted
+    src = open_source(source, split=None if split == "calib" else "test", held_out=split != "calib")
+    return [doc for doc in src.documents(seed=None) if isinstance(doc, str)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
-    blob = json.dumps([type(tokenizer).__name__, vocab, tokenizer.eos_token, tokenizer.bos_token])
+    blob = json.dumps([type(tokenizer).__name__, vocab, tokenizer.eos_token, tokenizer.bos_token,
+                       getattr(tokenizer, "chat_template", None)], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All documents tokenized (no special tokens) and joined with EOS between them -> [T]."""
-    eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        if not text.strip():
-            continue
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+        ids.extend(_doc_ids(tokenizer, text, None))
     return torch.tensor(ids, dtype=torch.long)
 
 
-def load_calib(tokenizer, *, source: str = DEFAULT_SOURCE, n_samples: int = 16, seq_len: int = 512, seed: int = 0):
-    """n_samples windows of seq_len tokens -> LongTensor [n_samples, seq_len].
+def _doc_ids(tokenizer, doc: Any, max_tokens: int | None) -> list[int]:
+    """One document -> token ids followed by EOS; [] for an empty document."""
+    if isinstance(doc, list):  # chat messages: the tokenizer's own template, as the model was trained
+        if not getattr(tokenizer, "chat_template", None):
+            raise CalibrationError("calib.chat_template is true but the tokenizer has no chat template")
+        doc = tokenizer.apply_chat_template(doc, tokenize=False)
+    if not isinstance(doc, str) or not doc.strip():
+        return []
+    kw = {"truncation": True, "max_length": max_tokens} if max_tokens else {}
+    ids = list(tokenizer(doc, add_special_tokens=False, **kw)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
-    The token stream is cut into non-overlapping windows and a seeded permutation picks
-    n_samples of them, so the buffer is deterministic and never repeats text.
-    """
+
+def _fill(tokenizer, docs: Iterator[Any], need: int, per_doc: int | None) -> list[int]:
+    """Token ids from documents in order until `need` are collected (or the documents end)."""
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(_doc_ids(tokenizer, doc, per_doc))
+        if len(ids) >= need:
+            break
+    return ids
+
+
+def load_calib(
+    tokenizer,
+    *,
+    source: str = DEFAULT_SOURCE,
+    n_samples: int = 16,
+    seq_len: int = 512,
+    seed: int = 0,
+    column: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    revision: str | None = None,
+    chat_template: bool = False,
+) -> torch.Tensor:
+    """n_samples windows of seq_len tokens -> LongTensor [n_samples, seq_len]."""
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
-    key = hashlib.sha256(
-        json.dumps([tokenizer_fingerprint(tokenizer), _source_fingerprint(source), n_samples, seq_len, seed]).encode()
-    ).hexdigest()[:24]
+    src = open_source(source, split=split, column=column, subset=subset, revision=revision,
+                      chat_template=chat_template)
+    key = hashlib.sha256(json.dumps(
+        [LOADER_VERSION, tokenizer_fingerprint(tokenizer), src.fingerprint(), n_samples, seq_len, seed]
+    ).encode()).hexdigest()[:24]
     path = cache_dir() / "calib" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(cache_dir() / "calib" / f".{key}.lock"):
         if path.exists():
             return load_file(path)["input_ids"]
-        stream = token_stream(tokenizer, read_texts(source, "calib"))
-        if stream.numel() == 0:
-            raise CalibrationError(f"calibration text {source} is empty; {n_samples} x {seq_len} tokens are needed")
-        n_windows = stream.numel() // seq_len
-        if n_windows < n_samples:
-            raise CalibrationError(
-                f"calibration text has {stream.numel()} tokens; {n_samples} x {seq_len} = "
-                f"{n_samples * seq_len} are needed"
-            )
-        windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(n_windows, generator=gen)[:n_samples].sort().values
-        ids = windows[pick].contiguous()
-        tmp = path.with_suffix(".tmp")
+        ids = _select(tokenizer, src, n_samples, seq_len, seed)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"input_ids": ids}, str(tmp))
         tmp.replace(path)
         return ids
 
 
+def load_calib_config(tokenizer, cfg) -> torch.Tensor:
+    """load_calib with the fields of a recipe's `calib` section."""
+    return load_calib(
+        tokenizer, source=cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed,
+        column=getattr(cfg, "column", None), split=getattr(cfg, "split", None),
+        subset=getattr(cfg, "subset", None), revision=getattr(cfg, "revision", None),
+        chat_template=getattr(cfg, "chat_template", False),
+    )
+
+
+def _select(tokenizer, src: Source, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    need = n_samples * seq_len
+    # one window per document first (diverse); if the documents run out, whole documents
+    ids = _fill(tokenizer, src.documents(seed=seed), need, per_doc=seq_len)
+    if len(ids) < need:
+        ids = _fill(tokenizer, src.documents(seed=seed), need, per_doc=None)
+    if not ids:
+        raise CalibrationError(f"calibration text {src.name} is empty; {n_samples} x {seq_len} tokens are needed")
+    if len(ids) < need:
+        raise CalibrationError(
+            f"calibration text has {len(ids)} tokens; {n_samples} x {seq_len} = {need} are needed"
+        )
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_samples, seq_len)  # [n_samples, seq_len]
+
+
 def load_eval_text() -> str:
     """The held-out evaluation split, documents separated by blank lines."""
     return "\n\n".join(read_texts(DEFAULT_SOURCE, "eval"))
+
+
+__all__ = ["DEFAULT_SOURCE", "calib_data_dir", "load_calib", "load_calib_config", "read_texts", "token_stream"]

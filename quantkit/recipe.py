@@ -20,6 +20,12 @@ class CalibConfig(BaseModel):
     seq_len: int = Field(512, ge=2)
     seed: int = 0
     batch_size: int = Field(4, ge=1)
+    # which part of the source is read (quantkit/calib_sources.py)
+    column: str | None = None  # default "text" ("messages" with chat_template)
+    chat_template: bool = False  # a column of chat messages, rendered with the tokenizer's template
+    split: str | None = None  # hub dataset split (default "train")
+    subset: str | None = None  # hub dataset configuration name
+    revision: str | None = None  # hub dataset revision (branch, tag or commit)
 
 
 class EvalConfig(BaseModel):

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from quantkit.calib import load_calib
+from quantkit.calib import load_calib_config
 from quantkit.passes.base import Pass, register_pass
 
 
@@ -41,9 +41,7 @@ class Calibrate(Pass):
     @torch.inference_mode()
     def run(self, model: nn.Module, ctx) -> None:
         cfg = ctx.calib_config
-        ctx.calib = load_calib(
-            ctx.tokenizer, source=cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len, seed=cfg.seed
-        )
+        ctx.calib = load_calib_config(ctx.tokenizer, cfg)
         ctx.batch_size = cfg.batch_size
         if not self._collect(ctx):
             ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
