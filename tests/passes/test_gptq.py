@@ -100,3 +100,67 @@ def test_pass_output_is_closer_to_the_original_than_round_to_nearest():
 def test_w4a4_requires_calibrated_activation_stats():
     assert Gptq(format="nvfp4", act_format="nvfp4").requirements() == {"calib", "act_stats"}
     assert Gptq(format="mxfp4", act_format="mxfp4").requirements() == {"calib"}  # dynamic activations
+
+
+# -- revised solver: static scales, act-order, observers ------------------------------------------
+def _err(fmt, w, qt, x) -> float:
+    return (x @ (fmt.dequantize(qt) - w).T).norm().item()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_static_scales_are_the_observers_scales_of_the_original_weights(name):
+    fmt = get_format(name)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    x = _correlated_inputs(1024, 128)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x)
+    assert torch.equal(qt.scale.view(torch.uint8) if qt.scale.element_size() == 1 else qt.scale,
+                       fmt.quantize(w).scale.view(torch.uint8) if qt.scale.element_size() == 1 else fmt.quantize(w).scale)
+
+
+@pytest.mark.parametrize("observer", ["e4m3_local", "four_over_six"])
+def test_static_scales_from_a_search_observer(observer):
+    from quantkit.formats.observers import OBSERVERS
+
+    fmt = get_format("nvfp4")
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    x = _correlated_inputs(1024, 128)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x, observer=observer)
+    scale, gs = OBSERVERS.get(observer).scales(fmt, w, fmt.weight_global_scale(w))
+    assert torch.equal(qt.scale.view(torch.uint8), scale.view(torch.uint8)) and qt.global_scale.item() == gs.item()
+    assert _err(fmt, w, qt, x) < _err(fmt, w, OBSERVERS.get(observer)(fmt, w), x)  # GPTQ still helps
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_act_order_keeps_the_layout_and_beats_round_to_nearest(name):
+    fmt = get_format(name)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    x = _correlated_inputs(2048, 128)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x, act_order=True)
+    ref = fmt.quantize(w)
+    assert qt.codes.shape == ref.codes.shape and qt.scale.shape == ref.scale.shape
+    assert _err(fmt, w, qt, x) < _err(fmt, w, ref, x)
+
+
+def test_act_order_with_identity_hessian_is_round_to_nearest():
+    fmt = get_format("nvfp4")
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    qt, _ = gptq_quantize(fmt, w, torch.diag(torch.rand(64) + 0.5), act_order=True)
+    assert torch.equal(qt.codes, fmt.quantize(w).codes)
+
+
+def test_dynamic_scales_still_available_and_act_order_needs_static():
+    fmt = get_format("nvfp4")
+    w, x = torch.randn(16, 64), _correlated_inputs(256, 64)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x, static_scales=False)
+    assert qt.codes.shape == (16, 32)
+    with pytest.raises(ValueError, match="static scales"):
+        gptq_quantize(fmt, w, x.T @ x, static_scales=False, act_order=True)
+
+
+@pytest.mark.parametrize("weighting", ["channel", "hessian"])
+def test_hessian_weighted_observer_scales_run(weighting):
+    fmt = get_format("nvfp4")
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
+    x = _correlated_inputs(1024, 128)
+    qt, _ = gptq_quantize(fmt, w, x.T @ x, observer="e4m3_local", weighting=weighting)
+    assert _err(fmt, w, qt, x) < _err(fmt, w, fmt.quantize(w), x)

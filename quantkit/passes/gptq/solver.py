@@ -1,14 +1,19 @@
-"""`gptq`: GPTQ weight quantization for every quantkit format, layer by layer.
+"""GPTQ math: quantize a weight one input column at a time, spreading each column's rounding
+error over the columns not yet quantized, weighted by the inverse Hessian ``H = sum X^T X``.
 
-GPTQ (Frantar et al. 2022) quantizes a weight one input column at a time and spreads each
-column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
-``H = sum X^T X`` of the layer's calibration inputs. Block formats (NVFP4 16, MXFP4 32, INT4
-groups) fix a block's scale when the first column of the block is reached, from the weights as
-updated so far, as llm-compressor does. The result is an ordinary QTensor: the codes are exactly
-what the loop rounded to, so export is unchanged.
+Scales (``static_scales``, the default): every block's stored scale is chosen once, before the
+column loop, by the named observer (formats/observers.py) from the original weights, optionally
+weighted by the Hessian's diagonal (``weighting="channel"``) or its diagonal blocks
+(``"hessian"``). The loop then only rounds elements. This is what the llm-compressor FP4 work
+found to matter: a scale refitted to error-updated weights chases the updates.
+``static_scales=False`` keeps the earlier behaviour (a block's scale fixed from the updated
+weights when the loop reaches its first column; minmax or mse observers only).
 
-Sequential, like llm-compressor: the inputs of decoder layer i are the outputs of layer i-1 with
-its linears already quantized. Only one layer's activations are held at a time.
+Static act-order (``act_order``): columns are visited in decreasing diag(H), and because the
+scales were fixed beforehand in the original column layout, each column keeps its own block's
+scale; the checkpoint layout is unchanged.
+
+The result is an ordinary QTensor: the codes are exactly what the loop rounded to.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from quantkit.formats.int4 import Int4Format
 from quantkit.formats.search import mse_scales
 
 MAX_DAMP_RETRIES = 3  # each retry multiplies the dampening by 10 before giving up on a layer
+WEIGHTINGS = ("none", "channel", "hessian")
 
 
 class _Stop(Exception):
@@ -39,12 +45,24 @@ def group_size(fmt: Format, in_features: int) -> int:
 
 
 def _block_scale(fmt: Format, w: torch.Tensor, gs: torch.Tensor | None, observer: str) -> torch.Tensor:
-    """Stored scales [out, nb] for w [out, nb*g] in the weight's dtype."""
+    """Stored scales [out, nb] for w [out, nb*g] in the weight's dtype (minmax or the mse grid)."""
     if observer == "mse":
         return mse_scales(fmt, w, gs)
+    if observer != "minmax":
+        raise ValueError(f"gptq with static_scales=False supports the minmax and mse observers, not {observer}")
     if isinstance(fmt, FP4Format):
         return fmt.block_scales(w.reshape(w.shape[0], -1, fmt.block), gs)
     return fmt.scales(fmt._groups(w))
+
+
+def choose_static_scales(fmt: Format, w: torch.Tensor, gs: torch.Tensor | None, observer: str,
+                  importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(stored scales [out, in/g], global scale) chosen once from w by the observer."""
+    if observer == "minmax":  # importance cannot change a round-to-nearest scale
+        return _block_scale(fmt, w, gs, "minmax"), gs
+    from quantkit.formats.observers import OBSERVERS
+
+    return OBSERVERS.get(observer).scales(fmt, w, gs, importance)
 
 
 def _qdq_column(fmt: Format, col: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
@@ -75,6 +93,14 @@ def _single_thread_on_cpu(device: torch.device):
         torch.set_num_threads(before)
 
 
+def _importance(h: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown gptq weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
+    if weighting == "none":
+        return None
+    return h.diagonal().clone() if weighting == "channel" else h
+
+
 def gptq_quantize(
     fmt: Format,
     w: torch.Tensor,
@@ -84,6 +110,9 @@ def gptq_quantize(
     block_size: int = 128,
     dampening: float = 0.01,
     observer: str = "minmax",
+    static_scales: bool = True,
+    act_order: bool = False,
+    weighting: str = "none",
 ) -> tuple[QTensor, dict[str, Any]]:
     """GPTQ-quantize w [out, in] given H [in, in] (sum of x x^T over calibration tokens)."""
     out_f, in_f = w.shape
@@ -97,28 +126,75 @@ def gptq_quantize(
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
-    damp, hinv = dampening, None
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        try:
-            hinv = _inverse_hessian_factor(h, damp)
-            break
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    if hinv is None:
-        raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp}")
+    if not static_scales:
+        if act_order:
+            raise ValueError("gptq act_order needs static scales (scales fixed before the column loop)")
+        return _dynamic(fmt, w, W, h, gs, g, block_size, dampening, observer)
 
-    # block scales [out, 1] in column order; per channel: one, from the weights before any update
-    picked: list[torch.Tensor] = [_block_scale(fmt, W.to(w.dtype), gs, observer)] if g == in_f else []
+    scales, gs = choose_static_scales(fmt, W.to(w.dtype), gs, observer, _importance(h, weighting))  # [out, in/g]
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, h = W[:, perm], h[perm][:, perm]
+    hinv, damp = _factor(h, dampening)
+    col_group = (torch.arange(in_f, device=w.device) if perm is None else perm) // g  # [in] block of each visited column
     src = torch.empty_like(W)  # each column as it was when rounded; encode() reproduces the codes
     loss = torch.zeros(out_f, device=w.device)
     with _single_thread_on_cpu(W.device):
         for i1 in range(0, in_f, block_size):
-            _gptq_block(fmt, W, hinv, src, loss, picked, i1, min(i1 + block_size, in_f), g, gs, observer, w.dtype)
+            i2 = min(i1 + block_size, in_f)
+            col_scales = scales[:, col_group[i1:i2]]  # [out, i2-i1]
+            _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs)
+    if perm is not None:
+        unperm = torch.empty_like(src)
+        unperm[:, perm] = src
+        src = unperm
+    qt = fmt.encode(src, scales, gs)
+    return qt, {"damp": damp, "loss": float(loss.sum()) / 2}
+
+
+def _factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+    damp = dampening
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        try:
+            return _inverse_hessian_factor(h, damp), damp
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp}")
+
+
+def _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs) -> None:
+    """Round columns i1..i2 with their fixed scales, then push their error onto columns i2..."""
+    W1 = W[:, i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        c = W1[:, i]
+        src[:, i1 + i] = c
+        q = _qdq_column(fmt, c, col_scales[:, i], gs)
+        d = Hinv1[i, i]
+        loss += (c - q).square() / d.square()
+        err = (c - q) / d
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Err1[:, i] = err
+    W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+
+# -- the earlier dynamic-scale variant ------------------------------------------------------------
+def _dynamic(fmt, w, W, h, gs, g, block_size, dampening, observer):
+    out_f, in_f = W.shape
+    hinv, damp = _factor(h, dampening)
+    # block scales [out, 1] in column order; per channel: one, from the weights before any update
+    picked: list[torch.Tensor] = [_block_scale(fmt, W.to(w.dtype), gs, observer)] if g == in_f else []
+    src = torch.empty_like(W)
+    loss = torch.zeros(out_f, device=w.device)
+    with _single_thread_on_cpu(W.device):
+        for i1 in range(0, in_f, block_size):
+            _dynamic_block(fmt, W, hinv, src, loss, picked, i1, min(i1 + block_size, in_f), g, gs, observer, w.dtype)
     qt = fmt.encode(src, torch.cat(picked, dim=1), gs)  # scales [out, in/g]
     return qt, {"damp": damp, "loss": float(loss.sum()) / 2}
 
 
-def _gptq_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dtype) -> None:
+def _dynamic_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dtype) -> None:
     """Quantize columns i1..i2 one at a time, then push their error onto columns i2.. (lazy update)."""
     per_channel = g == W.shape[1]
     cur = picked[-1] if picked else None
@@ -139,5 +215,3 @@ def _gptq_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dtype)
         W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
     W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
-
-
