@@ -240,3 +240,31 @@ def test_transformers_reloads_the_checkpoint_with_equal_logits(arch, fmt, tmp_pa
     ids = torch.arange(48)[None] % 256
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_select_experts_follows_targets_semantics():
+    from quantkit.nn.qexperts import select_experts
+    from quantkit.targets import Targets
+
+    model, _, _ = _experts("mixtral")
+    info = arch_info(model)
+    both = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert select_experts(Targets(), model, info) == both
+    assert select_experts(Targets(roles=["q", "k"]), model, info) == []
+    assert select_experts(Targets(roles=["experts"], layers=[1]), model, info) == both[1:]
+    assert select_experts(Targets(exclude=["*.experts"]), model, info) == []
+    assert select_experts(Targets(include=["model.layers.0.*"]), model, info) == both[:1]
+
+
+def test_quantize_named_experts_counts_bytes_and_skips_done_modules():
+    from quantkit.nn.qexperts import quantize_named_experts, select_experts
+    from quantkit.targets import Targets
+
+    model, _, _ = _experts("mixtral", dtype=torch.bfloat16)
+    names = select_experts(Targets(), model, arch_info(model))
+    before, after = quantize_named_experts(model, names, "nvfp4", "real")
+    # bf16 [4, 256, 64] + [4, 64, 128] per layer; NVFP4: half a byte per weight + one E4M3 scale per 16
+    weights = 2 * 4 * (256 * 64 + 64 * 128)
+    assert before == weights * 2
+    assert after == weights // 2 + weights // 16 + 2 * 2 * 4 * 4  # + fp32 global scale per expert and weight
+    assert select_experts(Targets(), model, arch_info(model)) == []

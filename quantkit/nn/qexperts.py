@@ -199,3 +199,47 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
         qweights[param] = [_quantize_one(fmt, w[e], observer, None if gs is None else gs[e]) for e in range(w.shape[0])]
     return QExperts(module, layout, qweights, mode=mode, act_format=act_format,
                     input_global_scales=input_global_scales, compute_dtype=dtype)
+
+
+def select_experts(targets, model: nn.Module, arch) -> list[str]:
+    """Fused-experts modules a quantize pass's Targets covers, with Targets' own semantics: `roles`
+    empty or naming "experts", `layers` empty or naming the block, `exclude` globs drop, and a
+    non-empty `include` must name the module."""
+    from fnmatch import fnmatchcase
+
+    names = []
+    for layer in range(arch.num_layers):
+        for name, _ in arch.experts(layer):
+            if targets.include and not any(fnmatchcase(name, p) for p in targets.include):
+                continue
+            if any(fnmatchcase(name, p) for p in targets.exclude):
+                continue
+            if targets.roles and "experts" not in targets.roles:
+                continue
+            if targets.layers and layer not in targets.layers:
+                continue
+            if is_experts(model.get_submodule(name)):
+                names.append(name)
+    return names
+
+
+def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mode: str = "real",
+                           act_format: str | None = None, observer: str = "minmax",
+                           input_global_scales: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[int, int]:
+    """Swap each named experts module for its QExperts in place; (bytes before, bytes after).
+
+    The quantize pass calls this beside its linears loop (one block's names in the streaming loop).
+    input_global_scales: module name -> {parameter name: [E] scales}, from calibration.
+    """
+    from quantkit.targets import set_module
+
+    before = after = 0
+    for name in names:
+        module = model.get_submodule(name)
+        before += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        q = quantize_experts(module, fmt_name, mode, act_format, observer=observer,
+                             input_global_scales=(input_global_scales or {}).get(name))
+        after += sum(t.numel() * t.element_size() for n, t in q.named_buffers(recurse=False)
+                     if n.endswith(("_codes", "_scale")))
+        set_module(model, name, q)
+    return before, after
