@@ -268,3 +268,66 @@ def test_quantize_named_experts_counts_bytes_and_skips_done_modules():
     assert before == weights * 2
     assert after == weights // 2 + weights // 16 + 2 * 2 * 4 * 4  # + fp32 global scale per expert and weight
     assert select_experts(Targets(), model, arch_info(model)) == []
+
+
+# --- calibration that reaches every expert -----------------------------------------------------
+
+def _never_routed(tokens=12, skip=3, seed=2):
+    """Routing over experts {0, 1, 2} only: expert `skip` is sent no token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 64, generator=g)
+    idx = torch.stack([torch.tensor([e for e in torch.randperm(4, generator=g).tolist() if e != skip][:2])
+                       for _ in range(tokens)])
+    return x, idx, torch.rand(tokens, 2, generator=g)
+
+
+def test_all_experts_statistics_reach_every_expert_while_real_routing_decides_the_output():
+    from quantkit.nn.expert_stats import expert_statistics
+
+    _, name, experts = _experts("mixtral")
+    x, idx, w = _never_routed()
+    plain = experts(x, idx, w)
+    with expert_statistics(experts, all_experts=True, prefix=name) as found:
+        out = experts(x, idx, w)
+    assert torch.equal(out, plain)
+    stats = found[name]
+    assert stats.tokens.tolist() == torch.bincount(idx.reshape(-1), minlength=4).tolist() and stats.tokens[3] == 0
+    assert (stats.amax["gate_up_proj"] == x.abs().max()).all()  # every expert saw all tokens
+    assert (stats.amax["down_proj"] > 0).all()
+    # the down input of expert 3 over all tokens, computed directly
+    gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[3]).chunk(2, dim=-1)
+    assert torch.equal(stats.amax["down_proj"][3], (experts.act_fn(gate) * up).abs().max())
+
+
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_expert_routed_to_nobody_still_gets_finite_positive_scales(all_experts):
+    from quantkit.nn.expert_stats import expert_statistics, input_amax
+
+    _, name, experts = _experts("qwen2_moe")
+    x, idx, w = _never_routed()
+    with expert_statistics(experts, all_experts=all_experts) as found:
+        experts(x, idx, w)
+    stats = found[""]
+    if all_experts:
+        amax = input_amax(stats, experts)
+    else:
+        assert stats.amax["down_proj"][3] == 0  # really unseen
+        with pytest.warns(UserWarning, match=r"experts \[3\] saw no calibration input"):
+            amax = input_amax(stats, experts)
+    for a in amax.values():
+        assert torch.isfinite(a).all() and (a > 0).all()
+    scales = get_format("nvfp4").activation_global_scale(amax["down_proj"])
+    assert torch.isfinite(scales).all() and (scales > 0).all()
+    if not all_experts:  # observed experts keep their observed amax
+        assert torch.equal(amax["down_proj"][:3], stats.amax["down_proj"][:3])
+
+
+def test_weight_derived_bound_when_no_expert_saw_anything():
+    from quantkit.nn.expert_stats import ExpertStats, input_amax
+
+    _, _, experts = _experts("mixtral")
+    with pytest.warns(UserWarning):
+        amax = input_amax(ExpertStats(4), experts)
+    assert (amax["gate_up_proj"] == 1.0).all()
+    g, u = experts.gate_up_proj[0].abs().chunk(2)
+    assert torch.allclose(amax["down_proj"][0], (g.sum(1) * u.sum(1)).max())

@@ -1,0 +1,143 @@
+"""Calibration statistics that reach every MoE expert.
+
+With real routing alone, an expert the calibration tokens rarely pick gets few or no inputs, and
+a static activation scale from nothing is zero or non-finite, which vLLM rejects. Inside
+`expert_statistics(..., all_experts=True)` (the default, like llm-compressor's
+`moe_calibrate_all_experts`) every expert additionally sees every token for statistics, while the
+module's real output, from the real routing, is what propagates to the next block.
+
+Recorded per fused-experts module: routed-token counts per expert (real routing), and the input
+amax of each expert's fused weights: `gate_up_proj` (its input is the hidden states) and
+`down_proj` (its input is act(gate) * up, different per expert).
+
+An expert with no observed input still gets a finite, positive scale (`input_amax`), derived
+from weights, with a warning:
+- input of gate/up: the hidden states are the same tensor for every expert, so the largest amax
+  any expert of the layer saw; if none saw any, 1.0.
+- input of down: the largest observed down-input amax of the layer, scaled by this expert's
+  ||W_gate||_F * ||W_up||_F relative to the largest such product among observed experts; if no
+  expert observed anything, the bound |silu(g) * u| <= |g| |u| <= (x_amax ||W_gate,i||_1)(x_amax ||W_up,i||_1)
+  maximized over rows i.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.structure.experts import ExpertsInfo, describe_experts, is_fused_experts
+
+
+@dataclass
+class ExpertStats:
+    num_experts: int
+    tokens: torch.Tensor = None  # [E] int64, tokens the real routing sent to each expert
+    amax: dict[str, torch.Tensor] = field(default_factory=dict)  # fused param -> [E] fp32 input amax (0: unseen)
+
+    def __post_init__(self):
+        if self.tokens is None:
+            self.tokens = torch.zeros(self.num_experts, dtype=torch.int64)
+
+    def observe(self, param: str, e: int, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        cur = self.amax.setdefault(param, torch.zeros(self.num_experts))
+        cur[e] = torch.maximum(cur[e], x.detach().abs().amax().float().cpu())
+
+
+def _layout(module: nn.Module, name: str) -> ExpertsInfo:
+    hidden = getattr(module, "hidden_dim", None) or getattr(getattr(module, "config", None), "hidden_size", 0)
+    return describe_experts(name, module, hidden)
+
+
+def _matrix(module: nn.Module, layout: ExpertsInfo, role: str, e: int) -> torch.Tensor:
+    w = getattr(module, layout.params[role])[e]
+    return w.t() if layout.transposed else w  # [out, in]
+
+
+@torch.no_grad()
+def _record(module: nn.Module, layout: ExpertsInfo, stats: ExpertStats, x: torch.Tensor, top_k_index: torch.Tensor,
+            all_experts: bool) -> None:
+    x = x.reshape(-1, x.shape[-1])
+    stats.tokens += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=layout.num_experts)[: layout.num_experts]
+    roles = layout.params
+    first = "gate_up" if "gate_up" in roles else "up"
+    for e in range(layout.num_experts):
+        rows = x if all_experts else x[(top_k_index == e).any(dim=-1)]
+        if rows.shape[0] == 0:
+            continue
+        stats.observe(roles[first], e, rows)
+        y = F.linear(rows, _matrix(module, layout, first, e))
+        if first == "gate_up":
+            gate, up = y.chunk(2, dim=-1)
+        else:
+            up, gate = y, (F.linear(rows, _matrix(module, layout, "gate", e)) if "gate" in roles else None)
+        h = up if gate is None else module.act_fn(gate) * up
+        stats.observe(roles["down"], e, h)
+
+
+@contextmanager
+def expert_statistics(root: nn.Module, all_experts: bool = True, prefix: str = "") -> Iterator[dict[str, ExpertStats]]:
+    """Record ExpertStats for every fused-experts module under root (names prefixed by `prefix`)."""
+    found: dict[str, ExpertStats] = {}
+    handles = []
+    for name, module in root.named_modules():
+        # float experts only: statistics are taken before quantization
+        if not is_fused_experts(module) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            continue
+        layout = _layout(module, name)
+        full = f"{prefix}.{name}" if prefix and name else (name or prefix)
+        stats = found[full] = ExpertStats(layout.num_experts)
+
+        def hook(mod, args, _out, layout=layout, stats=stats):
+            _record(mod, layout, stats, args[0], args[1], all_experts)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def input_amax(stats: ExpertStats, module: nn.Module, name: str = "experts") -> dict[str, torch.Tensor]:
+    """Fused param -> [E] input amax, every entry finite and positive (fallbacks in the module doc)."""
+    layout = _layout(module, name)
+    roles = layout.params
+    first = roles["gate_up"] if "gate_up" in roles else roles["up"]
+    down = roles["down"]
+    E = layout.num_experts
+    x_seen = stats.amax.get(first, torch.zeros(E))
+    d_seen = stats.amax.get(down, torch.zeros(E))
+    x_amax = float(x_seen.max()) if bool((x_seen > 0).any()) else 1.0
+    out_first = torch.where(x_seen > 0, x_seen, torch.full_like(x_seen, x_amax))
+
+    def gate_up_norms(e: int) -> tuple[torch.Tensor, torch.Tensor]:  # row-wise |W_gate|, |W_up| [I, H]
+        if "gate_up" in roles:
+            return _matrix(module, layout, "gate_up", e).float().abs().chunk(2)
+        up = _matrix(module, layout, "up", e).float().abs()
+        return (_matrix(module, layout, "gate", e).float().abs() if "gate" in roles else torch.ones_like(up)), up
+
+    products = torch.tensor([float(g.norm() * u.norm()) for g, u in (gate_up_norms(e) for e in range(E))])
+    seen = d_seen > 0
+    if bool(seen.any()):
+        ref = int(torch.argmax(torch.where(seen, products, torch.zeros_like(products))))
+        est = d_seen.max() * products / products[ref].clamp_min(1e-30)
+    else:
+        est = torch.tensor([float((g.sum(1) * u.sum(1)).max()) * x_amax**2 for g, u in (gate_up_norms(e) for e in range(E))])
+    out_down = torch.where(seen, d_seen, est)
+    unseen = [e for e in range(E) if not bool(seen[e])]
+    if unseen:
+        warnings.warn(f"{name}: experts {unseen} saw no calibration input; their activation scales are "
+                      "weight-derived (docs/architectures.md)", stacklevel=2)
+    finite_max = torch.finfo(torch.float32).max
+    clean = {first: out_first, down: out_down}
+    return {p: torch.nan_to_num(a, nan=1.0, posinf=finite_max).clamp(min=torch.finfo(torch.float32).tiny)
+            for p, a in clean.items()}
