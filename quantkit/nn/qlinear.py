@@ -124,14 +124,16 @@ class QLinear(nn.Module):
             return F.linear(x, self._dense.to(x.dtype), bias)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, in]
-        y = self._run(self.kernel_for(x.dtype).name, flat)
+        y = self._run(self.kernel_for(x.dtype).for_rows(flat.shape[0]), flat)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] with the named kernel."""
         if kernel in ("int8_exact_f32", "int_mm"):
             rows = tiled.tile_rows(self.out_features, k_int8.EXACT_F32_K, torch.float32)
-            return k_int8.w8a8_linear(x, self, kernel, rows)
+            if "w8a8_ws" not in self._kcache:
+                self._kcache["w8a8_ws"] = k_int8.w8a8_scales(self.weight_scale, self.output_scale)
+            return k_int8.w8a8_linear(x, self, kernel, rows, self._kcache["w8a8_ws"])
         if kernel == "int8pack_mm":
             if "scales_bf16" not in self._kcache:
                 self._kcache["scales_bf16"] = self.weight_scale.reshape(-1).to(torch.bfloat16).contiguous()
@@ -148,7 +150,7 @@ class QLinear(nn.Module):
             return k_cuda.fp4_scaled_mm(x, self, get_format(self.weight_format))
         if self.act_format is not None:  # fake_act_tiled
             x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
-        return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale)
+        return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale, fp32=kernel == "tiled_f32")
 
     def extra_repr(self) -> str:
         return (

@@ -66,6 +66,17 @@ def test_weight_only_kernel_matches_dequantize_then_matmul(name, shape, rows, mo
     _assert_close_to_reference(F.linear(x, w_ref, lin.bias), x, w_ref, lin.bias.detach())  # the bound is fair
 
 
+@pytest.mark.parametrize("name", WEIGHT_ONLY)
+def test_fp32_prefill_path_matches_dequantize_then_matmul(name, monkeypatch):
+    monkeypatch.setattr(tiled, "TILE_BYTES", 64 * 2 * 192)
+    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 1)
+    lin = _layer((208, 192))
+    q = quantize_linear(lin, name, mode="real")
+    x = torch.randn(33, 192, dtype=torch.bfloat16)
+    w_ref = q.dequantized_weight(torch.bfloat16)
+    _assert_close_to_reference(q._run("tiled_f32", x), x, w_ref, lin.bias.detach())
+
+
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4_ch"])
 def test_tiled_path_is_bitwise_reference_per_tile_in_fp32(name, monkeypatch):
     # FP4, and int4 groups torch's kernel refuses (here 160): tiles of the reference weight
@@ -83,13 +94,14 @@ def test_tiled_path_is_bitwise_reference_per_tile_in_fp32(name, monkeypatch):
 
 def test_tile_scratch_is_one_tile_not_the_weight(monkeypatch):
     tiled.release_scratch()
-    monkeypatch.setattr(tiled, "TILE_BYTES", 64 * 2 * 1536)
-    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 64)
+    monkeypatch.setattr(tiled, "TILE_BYTES", 32 * 2 * 1536)
+    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 32)
     q = quantize_linear(_layer((576, 1536)), "nvfp4", mode="real")
     q(torch.randn(3, 1536, dtype=torch.bfloat16))
-    tile_elems = 64 * 1536
-    # bf16 tile + fp32 decode + int32 gather indices (half as many): 8 bytes per tile element
-    assert tiled.scratch_bytes() == tile_elems * (2 + 4 + 2)
+    tile_elems = 32 * 1536
+    # bf16 tile + fp32 decode + int32 indices and int32 value pairs (one per byte): 10 bytes per
+    # tile element, plus the 256-entry pair LUT
+    assert tiled.scratch_bytes() == tile_elems * (2 + 4 + 2 + 2) + 256 * 4
     assert tiled.scratch_bytes() < 576 * 1536 * 2 / 2  # under half the dense bf16 weight
 
 
@@ -186,6 +198,17 @@ def test_routing(fmt, act, device, dtype, expected):
     assert choose(fmt, act, "real", (576, 576), device, dtype, group).name == expected
 
 
+def test_cpu_without_native_bf16_gemm_multiplies_prefill_in_fp32():
+    avx2 = Device("cpu", bf16_gemm=False)
+    for fmt, act, group in (("int8", None, None), ("int4", None, 32), ("nvfp4", None, None), ("mxfp4", "mxfp4", None)):
+        c = choose(fmt, act, "real", (576, 576), avx2, BF16, group)
+        assert (c.for_rows(1), c.for_rows(512)) == (c.name, "tiled_f32")
+        assert c.name != "tiled_f32" and "no native bf16 GEMM" in c.reason
+    assert choose("int8", None, "real", (576, 576), CPU, BF16).prefill is None  # AVX512-BF16/AMX: bf16 GEMM
+    assert choose("int8", "int8", "real", (576, 576), avx2, BF16).prefill is None  # W8A8 is exact-integer
+    assert choose("int8", None, "real", (576, 576), avx2, torch.float32).prefill is None
+
+
 def test_routing_falls_back_where_torch_kernels_refuse_the_shape():
     assert choose("int4", None, "real", (100, 96), CPU, BF16, 32).name == "tiled_dequant"  # out % 16
     assert choose("int4_ch", None, "real", (96, 1000), CPU, BF16, 0).name == "tiled_dequant"  # group 1000
@@ -234,6 +257,7 @@ def test_kernel_summary_names_each_quantized_linear():
     model = nn.Sequential(quantize_linear(_layer((96, 64)), "int8", mode="real", act_format="int8"),
                           nn.ReLU(), quantize_linear(_layer((64, 96)), "nvfp4", mode="real"))
     rows = kernel_summary(model)
-    assert [(r["module"], r["kernel"]) for r in rows] == [("0", model[0].kernel.name), ("2", "tiled_dequant")]
+    assert [(r["module"], r["kernel"]) for r in rows] == [("0", model[0].kernel.label), ("2", model[2].kernel.label)]
+    assert rows[1]["kernel"].startswith("tiled_dequant")
     assert all(r["reason"] and r["dtype"] == "bfloat16" for r in rows)
     assert isinstance(model[0], QLinear) and "kernel=" in repr(model[0])

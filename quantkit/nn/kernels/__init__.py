@@ -17,5 +17,5 @@ def kernel_summary(model: nn.Module) -> list[dict]:
         if isinstance(choice, Choice):
             rows.append({"module": name, "format": module.weight_format, "act": module.act_format,
                          "mode": module.mode, "dtype": str(module.compute_dtype).removeprefix("torch."),
-                         "kernel": choice.name, "reason": choice.reason})
+                         "kernel": choice.label, "reason": choice.reason})
     return rows

@@ -57,12 +57,15 @@ def quantize_activations(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch
 
 
 def int_gemm_exact_f32(xq: torch.Tensor, wq: torch.Tensor, tile_rows: int) -> torch.Tensor:
-    """xq [T, in] fp32 integer codes @ wq [out, in] int8 .T -> int32 [T, out], exact.
+    """xq [T, in] fp32 integer codes @ wq [out, in] int8 .T -> [T, out] exact integer sums.
 
-    The weight codes are widened to fp32 one [tile_rows, EXACT_F32_K] tile at a time (the scratch),
-    and chunk results are added in int32, so the sum is exact for any in_features.
+    The weight codes are widened to fp32 one [tile_rows, EXACT_F32_K] tile at a time (the scratch).
+    With in_features <= EXACT_F32_K the fp32 result is returned as is (every value an exact integer
+    below 2**24); longer rows add their chunk results in int32, so the sum is exact for any length.
     """
     out_f, in_f = wq.shape
+    if in_f <= EXACT_F32_K and out_f <= tile_rows:
+        return xq @ wq.to(torch.float32).t()
     acc = torch.zeros(xq.shape[0], out_f, dtype=torch.int32, device=xq.device)
     for k0 in range(0, in_f, EXACT_F32_K):
         k1 = min(in_f, k0 + EXACT_F32_K)
@@ -83,20 +86,27 @@ def int_gemm_int_mm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_epilogue(
-    acc: torch.Tensor, xs: torch.Tensor, w_scale: torch.Tensor, output_scale: torch.Tensor | None,
-    bias: torch.Tensor | None, dtype: torch.dtype,
+    acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """acc [T, out] int32 -> y [T, out] in dtype: fp32 scales, then one rounding."""
-    ws = w_scale.reshape(1, -1).to(torch.float32)
-    if output_scale is not None:
-        ws = ws * output_scale.reshape(1, -1)
-    y = acc.to(torch.float32) * xs.to(torch.float32) * ws
+    """acc [T, out] exact integer sums (int32 or fp32) -> y [T, out] in dtype.
+
+    y = acc * xs * ws (+ bias) in fp32, in that order, then one rounding. ws [1, out] fp32 is the
+    weight scale times any output_scale (w8a8_scales).
+    """
+    y = acc.to(torch.float32) if acc.dtype != torch.float32 else acc
+    y.mul_(xs.to(torch.float32)).mul_(ws)
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y.add_(bias.to(torch.float32))
     return y.to(dtype)
 
 
-def w8a8_linear(x: torch.Tensor, module, kernel: str, tile_rows: int) -> torch.Tensor:
+def w8a8_scales(w_scale: torch.Tensor, output_scale: torch.Tensor | None) -> torch.Tensor:
+    """[1, out] fp32 weight scale (times output_scale, in fp32): cached by QLinear."""
+    ws = w_scale.reshape(1, -1).to(torch.float32)
+    return ws * output_scale.reshape(1, -1) if output_scale is not None else ws
+
+
+def w8a8_linear(x: torch.Tensor, module, kernel: str, tile_rows: int, ws: torch.Tensor) -> torch.Tensor:
     """x [T, in] -> [T, out] for an int8-weight, int8-activation QLinear."""
     if kernel == "int_mm":
         xq, xs = quantize_activations(x, torch.int8)
@@ -104,7 +114,7 @@ def w8a8_linear(x: torch.Tensor, module, kernel: str, tile_rows: int) -> torch.T
     else:
         xq, xs = quantize_activations(x, torch.float32)
         acc = int_gemm_exact_f32(xq, module.weight_codes, tile_rows)
-    return w8a8_epilogue(acc, xs, module.weight_scale, module.output_scale, module.bias, x.dtype)
+    return w8a8_epilogue(acc, xs, ws, module.bias, x.dtype)
 
 
 def w8a16_linear(x: torch.Tensor, module, scales_bf16: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel acce
 INT4_CPU_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
 INT_MM_CUDA_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8
 FP4_SCALED_MM_CAPABILITY = (10, 0)  # block-scaled FP4 MMA: Blackwell (sm_100) and newer
+# From this many input rows a CPU without native bf16 GEMM (AVX2: bf16 GEMM ran 7x slower than
+# fp32 at 512 rows in bench/results/runtime.md) dequantizes tiles and multiplies in fp32; below it
+# torch's int8/int4 weight-only kernels (memory-bound GEMV) win. Crossover measured near 16-32 rows.
+FP32_PREFILL_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Device:
 
     type: str  # "cpu" or "cuda"
     vnni: bool = False  # CPU: AVX512-VNNI/AMX, where oneDNN runs _int_mm as a real int8 GEMM
+    bf16_gemm: bool = True  # CPU: AVX512-BF16/AMX, bf16 GEMM at full speed; AVX2 converts on the fly
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability
 
     @staticmethod
@@ -30,7 +35,7 @@ class Device:
         if device.type == "cuda":
             return Device("cuda", capability=torch.cuda.get_device_capability(device))
         if device.type == "cpu":
-            return Device("cpu", vnni=_cpu_vnni())
+            return Device("cpu", vnni=_cpu_vnni(), bf16_gemm=_cpu_bf16())
         return Device(device.type)
 
 
@@ -40,12 +45,37 @@ def _cpu_vnni() -> bool:
     return bool((probe and probe()) or (amx and amx()))
 
 
+def _cpu_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
 @dataclass(frozen=True)
 class Choice:
-    """A kernel name (stable, for reports and tests) and a one-line reason (for people)."""
+    """A kernel name (stable, for reports and tests) and a one-line reason (for people).
+
+    ``prefill``: the kernel used instead from ``prefill_rows`` input rows on (None: always ``name``).
+    """
 
     name: str
     reason: str
+    prefill: str | None = None
+    prefill_rows: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.name if self.prefill is None else f"{self.name} (<{self.prefill_rows} rows), {self.prefill}"
+
+    def for_rows(self, rows: int) -> str:
+        return self.prefill if self.prefill is not None and rows >= self.prefill_rows else self.name
+
+
+def _with_fp32_prefill(choice: Choice, device: Device, compute_dtype: torch.dtype) -> Choice:
+    if device.type != "cpu" or device.bf16_gemm or compute_dtype != torch.bfloat16:
+        return choice
+    return Choice(choice.name, choice.reason + f"; from {FP32_PREFILL_ROWS} rows tiles are multiplied in fp32 "
+                  "(this CPU has no native bf16 GEMM)", "tiled_f32", FP32_PREFILL_ROWS)
 
 
 def _int4_group(weight_format: str, in_features: int, group: int | None) -> int:
@@ -64,6 +94,21 @@ def choose(
     group: int | None = None,
 ) -> Choice:
     """The kernel for a QLinear of ``shape`` (out, in) whose inputs arrive in ``compute_dtype``."""
+    choice = _choose(weight_format, act_format, mode, shape, device, compute_dtype, group)
+    if choice.name in ("tiled_dequant", "int8pack_mm", "int4pack_mm", "fake_act_tiled"):
+        return _with_fp32_prefill(choice, device, compute_dtype)
+    return choice
+
+
+def _choose(
+    weight_format: str,
+    act_format: str | None,
+    mode: str,
+    shape: tuple[int, int],
+    device: Device,
+    compute_dtype: torch.dtype,
+    group: int | None = None,
+) -> Choice:
     out_f, in_f = shape
     if mode == "fake":
         return Choice("dense", "fake mode: the dequantized weight is cached, plain F.linear")

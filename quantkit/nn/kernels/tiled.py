@@ -55,18 +55,31 @@ def row_slice(q: QTensor, r0: int, r1: int) -> QTensor:
     return QTensor(q.format, q.codes[r0:r1], q.scale[r0:r1], (r1 - r0, q.shape[1]), q.global_scale, q.meta)
 
 
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    """int32 [256]: byte -> its two E2M1 values as fp16 bit patterns (low nibble in the low half).
+
+    One 4-byte gather per byte is ~5x faster on CPU than gathering [256, 2] rows.
+    """
+    key = ("fp4_pair_lut", torch.device(device), torch.int32)
+    if key not in _scratch:
+        pairs = e2m1._BYTE_LUT.to(torch.float16).contiguous()  # [256, 2], every E2M1 value exact in fp16
+        _scratch[key] = pairs.view(torch.int32).reshape(256).to(device)
+    return _scratch[key]
+
+
 def _fp4_tile_into(out: torch.Tensor, fmt: FP4Format, q: QTensor) -> None:
     """Decode FP4 rows q into out [rows, in] without allocating a dense temporary.
 
-    Same arithmetic as FP4Format.dequantize: fp32 LUT value * fp32 divisor, one rounding.
+    Same arithmetic as FP4Format.dequantize: exact E2M1 value * fp32 divisor, one rounding.
     """
     rows, cols = q.shape
     nb = cols // fmt.block
     idx = scratch("fp4_idx", rows * cols // 2, out.device, torch.int32)
     idx.copy_(q.codes.reshape(-1))  # uint8 bytes -> int32 gather indices
+    pairs = scratch("fp4_pairs", rows * cols // 2, out.device, torch.int32)
+    torch.index_select(_pair_lut(out.device), 0, idx, out=pairs)
     vals = scratch("fp4_f32", rows * cols, out.device, torch.float32)
-    lut = e2m1._lut("byte", out.device, torch.float32)  # [256, 2]: (low, high) nibble values
-    torch.index_select(lut, 0, idx, out=vals.view(rows * cols // 2, 2))
+    vals.copy_(pairs.view(torch.float16))  # [rows * cols] exact E2M1 values
     d = fmt.divisor(q.scale, q.global_scale)  # [rows, nb] fp32
     vals3 = vals.view(rows, nb, fmt.block)
     vals3.mul_(d[..., None])
@@ -88,23 +101,31 @@ def dequant_tile_into(out: torch.Tensor, q: QTensor, output_scale: torch.Tensor 
 
 
 def tiled_linear(
-    x: torch.Tensor, q: QTensor, bias: torch.Tensor | None, output_scale: torch.Tensor | None
+    x: torch.Tensor, q: QTensor, bias: torch.Tensor | None, output_scale: torch.Tensor | None, fp32: bool = False
 ) -> torch.Tensor:
-    """x [M, in] @ dequant(q).T + bias -> [M, out] in x.dtype, one tile of dense weight at a time."""
+    """x [M, in] @ dequant(q).T + bias -> [M, out] in x.dtype, one tile of dense weight at a time.
+
+    fp32: tiles hold the reference weight's x.dtype values, widened to fp32, and the GEMM runs in
+    fp32 (exact products of bf16 values; only the summation order differs from a bf16 GEMM).
+    """
     out_f, in_f = q.shape
     rows = tile_rows(out_f, in_f, x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
+    b = None if bias is None else bias.to(torch.float32 if fp32 else x.dtype)
     buf = scratch("tile", rows * in_f, x.device, x.dtype)
-    if rows >= out_f:  # one tile holds the whole (small) weight
-        w = buf.view(out_f, in_f)
-        dequant_tile_into(w, q, output_scale)
-        return F.linear(x, w, b)
-    y = torch.empty(x.shape[0], out_f, dtype=x.dtype, device=x.device)
+    xm = x.float() if fp32 else x
+    y = torch.empty(x.shape[0], out_f, dtype=xm.dtype, device=x.device)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         tile = buf[: (r1 - r0) * in_f].view(r1 - r0, in_f)  # [rows, in], reused every tile
-        dequant_tile_into(tile, row_slice(q, r0, r1), None if output_scale is None else output_scale[r0:r1])
-        y[:, r0:r1] = F.linear(x, tile)
+        part = q if (r0, r1) == (0, out_f) else row_slice(q, r0, r1)
+        dequant_tile_into(tile, part, None if output_scale is None else output_scale[r0:r1])
+        if fp32:
+            tile32 = scratch("tile_f32", tile.numel(), x.device, torch.float32).view_as(tile)
+            tile = tile32.copy_(tile)
+        if rows >= out_f:
+            y = F.linear(xm, tile, b)  # one tile: the whole (small) weight, bias fused
+            return y.to(x.dtype) if fp32 else y
+        y[:, r0:r1] = F.linear(xm, tile)
     if b is not None:
         y += b
-    return y
+    return y.to(x.dtype) if fp32 else y
