@@ -219,3 +219,20 @@ def test_role_overrides_rename_a_linear(monkeypatch, tiny_llama):
     info = arch_mod._discover(tiny_llama)
     assert info.roles["up2"] == "mlp.up_proj" and "up" not in info.roles
     assert info.fused == (("q", "k", "v"), ("gate", "up2"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", *MOE_ARCHS])
+def test_skeleton_blocks_trace_with_zero_memory_stand_ins(arch, monkeypatch):
+    """Large skeleton tensors become stride-0 zeros (no weight memory); the structure is unchanged
+    and the model's own config keeps its experts implementation."""
+    import functools
+
+    import quantkit.structure as structure
+    from quantkit.structure.trace import materialized
+
+    monkeypatch.setattr(structure, "materialized", functools.partial(materialized, large=0))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16)
+    implementation = getattr(skeleton.config, "_experts_implementation", None)
+    assert arch_info(skeleton).blocks == arch_info(tiny_model(arch)).blocks
+    assert getattr(skeleton.config, "_experts_implementation", None) == implementation

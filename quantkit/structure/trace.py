@@ -104,18 +104,32 @@ def capture_block_inputs(model: nn.Module, blocks_path: str, vocab_size: int) ->
     return args, kwargs
 
 
-def materialized(block: nn.Module) -> nn.Module:
-    """The block itself if it holds real weights, else a CPU copy with small random ones."""
+def materialized(block: nn.Module, large: int = 1 << 20) -> nn.Module:
+    """The block itself if it holds real weights, else a CPU copy with stand-in weights.
+
+    Tensors up to `large` elements get small random values; larger ones (a big MoE block's
+    experts) are stride-0 views of one zero, so tracing a skeleton block costs no weight memory.
+    """
     if not any(_is_meta(t) for t in [*block.parameters(), *block.buffers()]):
         return block
-    twin = copy.deepcopy(block).to_empty(device="cpu")
+    twin = copy.deepcopy(block)  # still on meta: copying costs nothing
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in [*twin.parameters(), *twin.buffers()]:
-            if t.dtype.is_floating_point:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-            else:
-                t.zero_()
+    for mod in twin.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if not _is_meta(t):
+                    continue
+                if t.numel() > large:
+                    value = torch.zeros((), dtype=t.dtype).expand(t.shape)
+                elif t.dtype.is_floating_point:
+                    value = (torch.randn(t.shape, generator=gen) * 0.02).to(t.dtype)
+                else:
+                    value = torch.zeros(t.shape, dtype=t.dtype)
+                store[key] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+        config = getattr(mod, "config", None)
+        if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            # grouped kernels reject stride-0 weights; the copy's config is the copy's own
+            config._experts_implementation = "eager"
     return twin
 
 
