@@ -3,7 +3,9 @@ fused groups, MoE experts and routers. See docs/architectures.md."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from quantkit.errors import UnsupportedArchitectureError
 from quantkit.structure.blocks import find_blocks
@@ -45,6 +47,10 @@ def _signature(block: nn.Module) -> tuple:
                  for n, m in block.named_modules())
 
 
+def _to_cpu(t):
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
 def describe_block(block: nn.Module, args: tuple, kwargs: dict, hidden_size: int) -> BlockStructure:
     experts = [describe_experts(n, m, hidden_size) for n, m in block.named_modules() if n and is_fused_experts(m)]
     for e in experts:
@@ -52,6 +58,8 @@ def describe_block(block: nn.Module, args: tuple, kwargs: dict, hidden_size: int
             raise UnsupportedArchitectureError(
                 f"cannot tell the input and output projections of the experts at {e.path} from their shapes")
     twin = materialized(block)
+    if twin is not block:  # the stand-in lives on the CPU, whatever device the skeleton's embeddings use
+        args, kwargs = tree_map(_to_cpu, (args, kwargs))
     linears = _linears(twin, experts)
     if not linears and not experts:
         raise UnsupportedArchitectureError(f"decoder block {type(block).__name__} has no linear layers")

@@ -79,7 +79,10 @@ def capture_block_inputs(model: nn.Module, blocks_path: str, vocab_size: int) ->
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    ids = (torch.arange(TRACE_TOKENS) % max(vocab_size, 1))[None]  # [1, T]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
+    ids = (torch.arange(TRACE_TOKENS, device=device) % max(vocab_size, 1))[None]  # [1, T]
     try:
         with _standins(model, blocks_path) as stood_in:
             model(input_ids=ids, use_cache=False)
