@@ -59,6 +59,12 @@ def check_shapes(ckpt: Checkpoint, result: VerifyResult, plan: Plan) -> None:
         if group and inp % group:
             result.error("shapes.group", f"group size {group} does not divide in_features {inp}", name)
             continue
+        acts = s.acts or {}
+        agroup = acts.get("group_size") if acts.get("strategy") in ("group", "tensor_group") else None
+        if agroup and inp % agroup:
+            result.error("shapes.group", f"activation group size {agroup} does not divide in_features {inp}; the "
+                         "forward cannot split this layer's input into groups", name)
+            continue
         pack = _pack_elems(s, plan.formats.get(gid) or "")
         if inp % pack:
             result.error("shapes.pack", f"in_features {inp} is not a multiple of {pack} ({s.name} packing)", name)
