@@ -331,3 +331,23 @@ def test_weight_derived_bound_when_no_expert_saw_anything():
     assert (amax["gate_up_proj"] == 1.0).all()
     g, u = experts.gate_up_proj[0].abs().chunk(2)
     assert torch.allclose(amax["down_proj"][0], (g.sum(1) * u.sum(1)).max())
+
+
+def test_calibrated_static_scales_feed_quantized_experts():
+    """W4A4 experts: per-expert NVFP4 input global scales from all-expert statistics, used in forward."""
+    from quantkit.nn.expert_stats import expert_statistics, input_global_scales
+
+    _, _, experts = _experts("mixtral")
+    x, idx, w = _never_routed()
+    with expert_statistics(experts) as found:
+        experts(x, idx, w)
+    scales = input_global_scales(found[""], experts, "nvfp4")
+    assert set(scales) == {"gate_up_proj", "down_proj"} and all(s.shape == (4,) for s in scales.values())
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())
+    assert input_global_scales(found[""], experts, "int8") is None  # dynamic per-token: nothing static
+    dynamic = quantize_experts(copy.deepcopy(experts), "nvfp4", "fake", act_format="nvfp4")
+    static = quantize_experts(experts, "nvfp4", "fake", act_format="nvfp4", input_global_scales=scales)
+    assert torch.equal(static.down_proj_input_global_scale, scales["down_proj"])
+    out_static, out_dynamic = static(x, idx, w), dynamic(x, idx, w)
+    assert torch.isfinite(out_static).all()
+    assert not torch.equal(out_static, out_dynamic)  # the static scales are the ones applied

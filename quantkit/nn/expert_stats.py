@@ -141,3 +141,16 @@ def input_amax(stats: ExpertStats, module: nn.Module, name: str = "experts") -> 
     clean = {first: out_first, down: out_down}
     return {p: torch.nan_to_num(a, nan=1.0, posinf=finite_max).clamp(min=torch.finfo(torch.float32).tiny)
             for p, a in clean.items()}
+
+
+def input_global_scales(stats: ExpertStats, module: nn.Module, act_format: str, name: str = "experts") -> dict[str, torch.Tensor] | None:
+    """Fused param -> [E] static activation global scales for quantize_experts, or None when the
+    activation format has no static global scale (dynamic formats)."""
+    from quantkit.formats import get_format
+
+    fmt = get_format(act_format)
+    amax = input_amax(stats, module, name)
+    if fmt.activation_global_scale(torch.ones(1)) is None:
+        return None
+    # one scale per expert: the format reduces whatever it is given to one amax
+    return {p: torch.cat([fmt.activation_global_scale(a[e:e + 1]) for e in range(a.numel())]) for p, a in amax.items()}
