@@ -297,7 +297,7 @@ def run_sensitivity(
     orig_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    orig_dtype = next(model.parameters()).dtype
+    orig_dtypes = _tensor_dtypes(model)
     was_training = model.training
     model.float().eval()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
     try:
@@ -326,7 +326,7 @@ def run_sensitivity(
         result.timings = {"reference_s": t_ref, "total_s": time.perf_counter() - t_start,
                           "runs_s": sum(r.seconds for r in results)}
     finally:
-        model.to(orig_dtype)
+        _restore_dtypes(model, orig_dtypes)
         model.train(was_training)
         torch.set_num_threads(orig_threads)
     if out:
@@ -336,6 +336,38 @@ def run_sensitivity(
         if partial.exists():
             partial.unlink()  # the sweep is complete; the reports hold every run
     return result
+
+
+def _owned_tensors(model: nn.Module):
+    """(module, leaf, tensor, is_parameter) for every parameter and buffer, non-persistent ones included."""
+    for _, m in model.named_modules():
+        for leaf, t in m._parameters.items():
+            if t is not None:
+                yield m, leaf, t, True
+        for leaf, t in m._buffers.items():
+            if t is not None:
+                yield m, leaf, t, False
+
+
+def _tensor_dtypes(model: nn.Module) -> dict[tuple[int, str], torch.dtype]:
+    return {(id(m), leaf): t.dtype for m, leaf, t, _ in _owned_tensors(model)}
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[tuple[int, str], torch.dtype]) -> None:
+    """Undo model.float() tensor by tensor.
+
+    A bf16/fp16 tensor round-trips through fp32 exactly. Casting the whole model back with
+    model.to(dtype) would instead also cast tensors that were fp32 to begin with, such as the
+    rotary inv_freq buffer transformers keeps in fp32, and round them.
+    """
+    for m, leaf, t, is_param in list(_owned_tensors(model)):
+        dtype = dtypes.get((id(m), leaf))
+        if dtype is None or t.dtype == dtype:
+            continue
+        if is_param:
+            t.data = t.data.to(dtype)
+        else:
+            m._buffers[leaf] = t.to(dtype)
 
 
 def _check_budget(model: nn.Module, names: list[str], fmt: str, budget_bits: float) -> None:

@@ -116,6 +116,22 @@ def test_weights_and_dtype_restored_bit_exactly_after_sweep(tokens):
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_every_parameter_and_buffer_restored_on_a_from_pretrained_model(tokens, tmp_path):
+    # from_pretrained keeps the non-persistent rotary inv_freq in fp32 inside a bf16 model; state_dict()
+    # leaves it out, so compare named_parameters() and named_buffers()
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(seed=2).save_pretrained(tmp_path)
+    net = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    before = {n: t.clone() for n, t in list(net.named_parameters()) + list(net.named_buffers())}
+    assert before["model.rotary_emb.inv_freq"].dtype == torch.float32
+    run_sensitivity(net, None, format="nvfp4", tokens=tokens, isolation="component")
+    after = dict(list(net.named_parameters()) + list(net.named_buffers()))
+    assert after.keys() == before.keys()
+    for n, t in before.items():
+        assert after[n].dtype == t.dtype and torch.equal(after[n], t), n
+
+
 def test_no_hooks_left_after_w4a4_runs(model, tokens):
     sw = _sweep(model, tokens, act_quant=True)
     sw.measure(sw.names)
