@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
-from quantkit.errors import ModelLoadError
+from quantkit.errors import ModelLoadError, QuantkitError
+
+_IN_PER_ELEMENT = {"U8": 2, "I32": 8, "I8": 1}  # checkpoint elements -> weights along the input dim
 
 
 def _header(path: Path) -> dict:
@@ -80,6 +83,8 @@ def inspect_checkpoint(path: Path) -> dict:
         targets = group.get("targets", [])
         info["groups"].append({"name": name, "summary": summary,
                                "targets": targets if len(targets) <= 4 else f"{len(targets)} modules"})
+    if qc.get("quant_method") == "compressed-tensors":
+        info["kernels"] = _kernels(tensors, qc, config.get("torch_dtype") or config.get("dtype"))
     if qc.get("quant_method") == "quantkit":
         types = Counter(m.get("type") for m in (qc.get("modules") or {}).values())
         info["extra"] = {"module_types": dict(types)}
@@ -90,4 +95,51 @@ def inspect_checkpoint(path: Path) -> dict:
         else:
             if types.get("masa") or any("masa" in str(t) for t in types):
                 info["extra"]["masa"] = masa_param_counts(qc)
+    if info.get("kernels"):
+        counts = Counter(k["kernel"] for k in info["kernels"])
+        info.setdefault("extra", {})["kernels on this machine (quantkit runtime, cpu)"] = dict(counts)
     return info
+
+
+def _module_shape(tensors: dict, module: str) -> tuple[int, int] | None:
+    """(out, in) of a compressed-tensors linear from its header shapes, or None if unknown."""
+    for suffix in ("weight_packed", "weight"):
+        meta = tensors.get(f"{module}.{suffix}")
+        if meta and len(meta["shape"]) == 2 and meta["dtype"] in _IN_PER_ELEMENT:
+            out_f, cols = meta["shape"]
+            return out_f, cols * _IN_PER_ELEMENT[meta["dtype"]]
+    return None
+
+
+def _targets(group: dict, module: str) -> bool:
+    """Whether a config group's targets name this linear (exact name, "re:" pattern or "Linear")."""
+    return any(t in (module, "Linear") or (t.startswith("re:") and re.match(t[3:], module))
+               for t in group.get("targets", []))
+
+
+def _kernels(tensors: dict, qc: dict, dtype_name: str | None) -> list[dict]:
+    """Per quantized linear: the kernel quantkit's real-mode runtime would run here, and why."""
+    import torch
+
+    from quantkit.export.ct_reader import act_format, weight_format
+    from quantkit.nn.kernels.select import Device, choose
+
+    dtype = getattr(torch, str(dtype_name or "bfloat16"), torch.bfloat16)
+    device = Device.of("cpu")
+    groups = list((qc.get("config_groups") or {}).values())
+    modules = sorted({k.rpartition(".")[0] for k in tensors if k.endswith((".weight_scale", ".weight_packed"))})
+    rows = []
+    for module in modules:
+        shape = _module_shape(tensors, module)
+        group = next((g for g in groups if _targets(g, module)), None)
+        if shape is None or group is None:
+            continue
+        try:
+            fmt, act = weight_format(group["weights"]), act_format(group.get("input_activations"))
+        except QuantkitError as exc:
+            rows.append({"module": module, "kernel": "none", "reason": str(exc)})
+            continue
+        gsize = group["weights"].get("group_size")
+        choice = choose(fmt, act, "real", shape, device, dtype, 0 if fmt == "int4_ch" else gsize)
+        rows.append({"module": module, "format": fmt, "act": act, "kernel": choice.label, "reason": choice.reason})
+    return rows

@@ -130,10 +130,12 @@ class QLinear(nn.Module):
     def _run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] with the named kernel."""
         if kernel in ("int8_exact_f32", "int_mm"):
-            rows = tiled.tile_rows(self.out_features, k_int8.EXACT_F32_K, torch.float32)
+            rows = tiled.tile_rows(self.out_features, self.in_features, torch.float32)
             if "w8a8_ws" not in self._kcache:
                 self._kcache["w8a8_ws"] = k_int8.w8a8_scales(self.weight_scale, self.output_scale)
-            return k_int8.w8a8_linear(x, self, kernel, rows, self._kcache["w8a8_ws"])
+                self._kcache["w8a8_one_pass"] = torch.tensor(k_int8.exact_in_one_pass(self.weight_codes))
+            return k_int8.w8a8_linear(x, self, kernel, rows, self._kcache["w8a8_ws"],
+                                      bool(self._kcache["w8a8_one_pass"]))
         if kernel == "int8pack_mm":
             if "scales_bf16" not in self._kcache:
                 self._kcache["scales_bf16"] = self.weight_scale.reshape(-1).to(torch.bfloat16).contiguous()

@@ -120,6 +120,18 @@ def test_exact_f32_int_gemm_equals_int64_matmul_beyond_2_pow_24():
     assert torch.equal(acc.long(), ref)
 
 
+def test_one_pass_f32_int_gemm_is_exact_when_the_row_bound_allows_it():
+    torch.manual_seed(2)
+    k = 3000  # three EXACT_F32_K chunks' worth, but small codes keep 128 * sum|w| < 2**24
+    wq = torch.randint(-20, 21, (70, k), dtype=torch.int8)
+    xq = torch.randint(-128, 128, (5, k), dtype=torch.int8)
+    assert k_int8.exact_in_one_pass(wq)
+    acc = k_int8.int_gemm_exact_f32(xq.float(), wq, tile_rows=32, one_pass=True)
+    assert torch.equal(acc.long(), xq.long() @ wq.long().t())
+    extreme = torch.full((3, k), -128, dtype=torch.int8)
+    assert not k_int8.exact_in_one_pass(extreme)  # 128 * 128 * 3000 > 2**24: chunked instead
+
+
 def test_int_mm_path_equals_int64_matmul():
     torch.manual_seed(1)
     wq = torch.randint(-128, 128, (64, 96), dtype=torch.int8)
@@ -261,3 +273,36 @@ def test_kernel_summary_names_each_quantized_linear():
     assert rows[1]["kernel"].startswith("tiled_dequant")
     assert all(r["reason"] and r["dtype"] == "bfloat16" for r in rows)
     assert isinstance(model[0], QLinear) and "kernel=" in repr(model[0])
+
+
+def test_inspect_names_the_kernel_of_each_checkpoint_linear(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from quantkit.inspect import inspect_checkpoint
+
+    groups = {
+        "w8a8": {"targets": ["re:.*proj_a$"], "format": "int-quantized",
+                 "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+                 "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}},
+        "nvfp4": {"targets": ["re:.*proj_b$"], "format": "nvfp4-pack-quantized",
+                  "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}},
+    }
+    config = {"model_type": "llama", "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "compressed-tensors", "config_groups": groups}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({
+        "m.proj_a.weight": torch.zeros(64, 96, dtype=torch.int8),
+        "m.proj_a.weight_scale": torch.ones(64, 1, dtype=torch.bfloat16),
+        "m.proj_b.weight_packed": torch.zeros(32, 48, dtype=torch.uint8),
+        "m.proj_b.weight_scale": torch.ones(32, 6).to(torch.float8_e4m3fn),
+        "m.proj_b.weight_global_scale": torch.ones(1),
+    }, str(tmp_path / "model.safetensors"))
+    info = inspect_checkpoint(tmp_path)
+    here = Device.of("cpu")
+    by_module = {k["module"]: k for k in info["kernels"]}
+    assert by_module["m.proj_a"]["kernel"] == choose("int8", "int8", "real", (64, 96), here, BF16).label
+    assert by_module["m.proj_b"]["kernel"] == choose("nvfp4", None, "real", (32, 96), here, BF16).label
+    assert by_module["m.proj_b"]["format"] == "nvfp4" and by_module["m.proj_b"]["reason"]
+    assert sum(info["extra"]["kernels on this machine (quantkit runtime, cpu)"].values()) == 2

@@ -56,24 +56,44 @@ def quantize_activations(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch
         return act_codes(x, out_dtype)
 
 
-def int_gemm_exact_f32(xq: torch.Tensor, wq: torch.Tensor, tile_rows: int) -> torch.Tensor:
+def exact_in_one_pass(wq: torch.Tensor) -> bool:
+    """Whether one fp32 GEMM over all of in_features is exact for any int8 activation codes.
+
+    Every partial sum of a row's dot product is bounded by 128 * sum_k |w_k| (|x code| <= 128), so
+    if that bound stays within 2**24 for every row, fp32 holds every partial sum exactly whatever
+    the summation order. Holds for typical weights far beyond EXACT_F32_K (SmolLM2's down_proj).
+    """
+    worst = 0
+    for r0 in range(0, wq.shape[0], 1024):  # int32 copy of 1024 rows at a time, not of the weight
+        l1 = wq[r0 : r0 + 1024].to(torch.int32).abs().sum(dim=1)  # widen first: int8 |-128| wraps
+        worst = max(worst, int(l1.max()))
+    return worst * 128 <= 2**24
+
+
+def int_gemm_exact_f32(xq: torch.Tensor, wq: torch.Tensor, tile_rows: int, one_pass: bool = False) -> torch.Tensor:
     """xq [T, in] fp32 integer codes @ wq [out, in] int8 .T -> [T, out] exact integer sums.
 
-    The weight codes are widened to fp32 one [tile_rows, EXACT_F32_K] tile at a time (the scratch).
-    With in_features <= EXACT_F32_K the fp32 result is returned as is (every value an exact integer
-    below 2**24); longer rows add their chunk results in int32, so the sum is exact for any length.
+    The weight codes are widened to fp32 one [tile_rows, in] row tile at a time (the scratch).
+    With in_features <= EXACT_F32_K, or ``one_pass`` (exact_in_one_pass), the fp32 result is
+    returned as is: every value an exact integer below 2**24. Otherwise rows are multiplied in
+    K-chunks of EXACT_F32_K and the chunk results added in int32, exact for any length.
     """
     out_f, in_f = wq.shape
-    if in_f <= EXACT_F32_K and out_f <= tile_rows:
-        return xq @ wq.to(torch.float32).t()
-    acc = torch.zeros(xq.shape[0], out_f, dtype=torch.int32, device=xq.device)
-    for k0 in range(0, in_f, EXACT_F32_K):
-        k1 = min(in_f, k0 + EXACT_F32_K)
-        xk = xq[:, k0:k1]
+    if in_f <= EXACT_F32_K or one_pass:
+        if out_f <= tile_rows:
+            return xq @ wq.to(torch.float32).t()
+        out = torch.empty(xq.shape[0], out_f, dtype=torch.float32, device=xq.device)
         for r0 in range(0, out_f, tile_rows):
             r1 = min(out_f, r0 + tile_rows)
-            wt = wq[r0:r1, k0:k1].to(torch.float32)  # [rows, chunk] scratch
-            acc[:, r0:r1] += (xk @ wt.t()).to(torch.int32)  # exact integers: see EXACT_F32_K
+            out[:, r0:r1] = xq @ wq[r0:r1].to(torch.float32).t()
+        return out
+    acc = torch.zeros(xq.shape[0], out_f, dtype=torch.int32, device=xq.device)
+    for r0 in range(0, out_f, tile_rows):
+        r1 = min(out_f, r0 + tile_rows)
+        wt = wq[r0:r1].to(torch.float32)  # [rows, in] scratch, one contiguous widening
+        for k0 in range(0, in_f, EXACT_F32_K):
+            k1 = min(in_f, k0 + EXACT_F32_K)
+            acc[:, r0:r1] += (xq[:, k0:k1] @ wt[:, k0:k1].t()).to(torch.int32)  # exact: see EXACT_F32_K
     return acc
 
 
@@ -106,14 +126,15 @@ def w8a8_scales(w_scale: torch.Tensor, output_scale: torch.Tensor | None) -> tor
     return ws * output_scale.reshape(1, -1) if output_scale is not None else ws
 
 
-def w8a8_linear(x: torch.Tensor, module, kernel: str, tile_rows: int, ws: torch.Tensor) -> torch.Tensor:
+def w8a8_linear(x: torch.Tensor, module, kernel: str, tile_rows: int, ws: torch.Tensor,
+                one_pass: bool = False) -> torch.Tensor:
     """x [T, in] -> [T, out] for an int8-weight, int8-activation QLinear."""
     if kernel == "int_mm":
         xq, xs = quantize_activations(x, torch.int8)
         acc = int_gemm_int_mm(xq, module.weight_codes)
     else:
         xq, xs = quantize_activations(x, torch.float32)
-        acc = int_gemm_exact_f32(xq, module.weight_codes, tile_rows)
+        acc = int_gemm_exact_f32(xq, module.weight_codes, tile_rows, one_pass)
     return w8a8_epilogue(acc, xs, ws, module.bias, x.dtype)
 
 

@@ -1,0 +1,431 @@
+"""Real-mode runtime: quantkit's kernels against bf16/fp32 nn.Linear and the CPU peers, one run.
+
+1. Layer micro-benchmarks: SmolLM2-135M and Llama-7B linear shapes at 1, 32 and 512 rows, bf16
+   inputs, each quantkit scheme (real mode, the kernel QLinear picks) against nn.Linear in bf16 and
+   fp32, bitsandbytes Linear8bitLt (threshold 0: pure int8), torchao's CPU int8 weight-only, int8
+   dynamic-activation and int4 weight-only, and raw torch._int_mm on the codes (why W8A8 does not
+   use it on this CPU). Calls are interleaved round by round; the number is the median CPU time
+   per call on one intra-op thread (a shared machine inflates wall time, not the work done).
+2. End to end: SmolLM2-135M perplexity on the held-out windows, real mode per scheme vs bf16,
+   same process, same windows; eval CPU and wall seconds.
+3. Memory: per scheme, in a fresh subprocess, the quantized model's tensor bytes (parameters,
+   buffers, kernel caches) against its packed size, the shared tile scratch, and process RSS.
+
+    python bench/bench_runtime.py [--threads 1] [--rounds 5] [--windows 8] [--skip-layers]
+                                  [--skip-e2e] [--skip-memory] [--quick]
+writes bench/results/runtime.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from quantkit.nn.kernels import tiled  # noqa: E402
+from quantkit.nn.qlinear import QLinear, quantize_linear  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+NAME = "runtime"
+# (model, layer, out, in)
+SHAPES = [
+    ("SmolLM2", "q/o_proj", 576, 576),
+    ("SmolLM2", "k/v_proj", 192, 576),
+    ("SmolLM2", "gate/up_proj", 1536, 576),
+    ("SmolLM2", "down_proj", 576, 1536),
+    ("Llama-7B", "q/k/v/o_proj", 4096, 4096),
+    ("Llama-7B", "gate/up_proj", 11008, 4096),
+    ("Llama-7B", "down_proj", 4096, 11008),
+]
+ROWS = (1, 32, 512)
+# scheme label -> (weight format, activation format)
+SCHEMES = {
+    "W8A8 int8": ("int8", "int8"),
+    "W8A16 int8": ("int8", None),
+    "W4A16 int4 g32": ("int4", None),
+    "W4A16 int4 g128": ("int4_g128", None),
+    "W4A16 nvfp4": ("nvfp4", None),
+    "W4A16 mxfp4": ("mxfp4", None),
+}
+GOALS = {  # scheme -> (prefill 512 rows, decode 1 row): required bf16_time / scheme_time
+    "W8A8 int8": (1.5, 1 / 1.2),
+    "W8A16 int8": (1.0, 1.0),
+    "W4A16 int4 g32": (1.0, 1.0),
+    "W4A16 int4 g128": (1.0, 1.0),
+    "W4A16 nvfp4": (1 / 1.3, 1 / 1.3),
+    "W4A16 mxfp4": (1 / 1.3, 1 / 1.3),
+}
+SLOW_CALL_S = 3.0  # a competitor whose first call takes longer is timed in fewer rounds (noted)
+MIN_MEASURE_S = 0.01  # repeat tiny calls within one measurement so timer noise stays small
+
+
+# -- provenance ----------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(argv: list[str]) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantkit/nn", "bench/bench_runtime.py"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {
+        "commit": commit, "runtime_files_dirty": bool(dirty),
+        "command": " ".join(["python", "bench/bench_runtime.py", *argv]),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "bitsandbytes", "torchao", "compressed-tensors")},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()),
+                    "loadavg_start": os.getloadavg()},
+    }
+
+
+# -- competitors ---------------------------------------------------------------------------------
+def _bnb(lin: nn.Linear) -> nn.Module:
+    import logging
+
+    import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    mod = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False, threshold=0.0)
+    mod.load_state_dict({"weight": lin.weight.detach().float()})
+    return mod.to("cpu").eval()  # .to() quantizes
+
+
+def _torchao(lin: nn.Linear, kind: str) -> nn.Module:
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    cfg = {"int8wo": Int8WeightOnlyConfig, "int8dyn": Int8DynamicActivationInt8WeightConfig,
+           "int4wo": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")}[kind]()
+    m = nn.Sequential(copy.deepcopy(lin))
+    quantize_(m, cfg)
+    return m
+
+
+def _raw_int_mm(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The integer GEMM alone (what W8A8 would cost on torch._int_mm), int8 stand-in codes of x."""
+    xq = (x * 40).clamp(-128, 127).to(torch.int8)
+    if xq.shape[0] <= 16:  # _int_mm wants more than 16 rows
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
+    return torch._int_mm(xq, codes.t())
+
+
+def competitors(lin_bf16: nn.Linear) -> tuple[dict[str, Callable], dict[str, str]]:
+    """name -> f(x bf16 [T, in]); plus name -> note (kernel chosen, or why a peer is missing)."""
+    out_f, in_f = lin_bf16.weight.shape
+    fns: dict[str, Callable] = {}
+    notes: dict[str, str] = {}
+    lin32 = copy.deepcopy(lin_bf16).float()
+    fns["bf16 nn.Linear"] = lin_bf16
+    fns["fp32 nn.Linear"] = lambda x: lin32(x.float())
+    for label, (wf, af) in SCHEMES.items():
+        if wf == "int4_g128" and in_f % 128:
+            continue
+        q = quantize_linear(lin_bf16, wf, mode="real", act_format=af)
+        fns[label] = q
+        notes[label] = q.kernel.name
+        if label == "W8A8 int8":
+            fns["raw torch._int_mm (codes only)"] = lambda x, codes=q.weight_codes: _raw_int_mm(x, codes)
+    try:
+        fns["bitsandbytes Linear8bitLt"] = _bnb(lin_bf16)
+    except Exception as exc:  # noqa: BLE001 - a peer that can't run is reported, not fatal
+        notes["bitsandbytes Linear8bitLt"] = f"unavailable: {type(exc).__name__}: {exc}"[:160]
+    for kind, label in (("int8wo", "torchao int8 weight-only"), ("int8dyn", "torchao int8 dyn-act"),
+                        ("int4wo", "torchao int4 weight-only g128")):
+        if kind == "int4wo" and in_f % 128:
+            continue
+        try:
+            m = _torchao(lin_bf16, kind)
+            notes[label] = type(m[0].weight).__name__
+            fns[label] = m
+        except Exception as exc:  # noqa: BLE001
+            notes[label] = f"unavailable: {type(exc).__name__}: {exc}"[:160]
+    return fns, notes
+
+
+def _measure(fn: Callable, x: torch.Tensor, inner: int) -> float:
+    """CPU seconds per call, averaged over ``inner`` back-to-back calls."""
+    c0 = time.thread_time()
+    for _ in range(inner):
+        fn(x)
+    return (time.thread_time() - c0) / inner
+
+
+@torch.inference_mode()
+def layer_rows(rounds: int, shapes: list, rows_list: tuple[int, ...]) -> list[dict]:
+    out = []
+    for model, layer, out_f, in_f in shapes:
+        torch.manual_seed(0)
+        lin = nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+        fns, notes = competitors(lin)
+        for rows in rows_list:
+            x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+            first, errors = {}, {}
+            for name, fn in list(fns.items()):
+                try:
+                    first[name] = _measure(fn, x, 1)  # warm-up: kernel caches, allocator, packing
+                except Exception as exc:  # noqa: BLE001
+                    errors[name] = f"{type(exc).__name__}: {exc}"[:160]
+            live = {k: v for k, v in fns.items() if k in first}
+            inner = {k: max(1, int(MIN_MEASURE_S / max(first[k], 1e-6))) for k in live}
+            times: dict[str, list[float]] = {k: [] for k in live}
+            for r in range(rounds):  # interleaved: machine load hits every competitor alike
+                for k, fn in live.items():
+                    if r > 0 and first[k] > SLOW_CALL_S:
+                        continue
+                    times[k].append(_measure(fn, x, inner[k]))
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            bf16 = med["bf16 nn.Linear"]
+            row = {"model": model, "layer": layer, "out": out_f, "in": in_f, "rows": rows,
+                   "ms": {k: round(v, 4) for k, v in med.items()},
+                   "speedup_vs_bf16": {k: round(bf16 / v, 3) for k, v in med.items()},
+                   "rounds": {k: len(v) for k, v in times.items()}, "kernels": notes, "errors": errors}
+            out.append(row)
+            print(f"  {model} {layer} {out_f}x{in_f} rows={rows}: bf16 {bf16:.3f} ms; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in med.items() if k != "bf16 nn.Linear"), flush=True)
+    return out
+
+
+# -- end to end ----------------------------------------------------------------------------------
+def _quantize_model(dense: nn.Module, tok, wf: str, af: str | None) -> nn.Module:
+    from quantkit.arch import arch_info
+    from quantkit.context import Context
+    from quantkit.passes.quantize import Quantize
+
+    model = copy.deepcopy(dense)
+    ctx = Context(model=model, tokenizer=tok, arch=arch_info(model), device=torch.device("cpu"))
+    Quantize(format=wf, act_format=af, mode="real").run(model, ctx)
+    return model
+
+
+def e2e_rows(windows: int, schemes: dict) -> list[dict]:
+    from quantkit.eval import perplexity
+    from quantkit.models import load_model
+    from quantkit.nn.kernels import kernel_summary
+
+    dense, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    perplexity(dense, tok, max_windows=1)  # warm-up: token cache, allocator
+    variants = [("bf16 (no quantization)", None)] + list(schemes.items())
+    rows = []
+    for label, spec in variants:
+        model = dense if spec is None else _quantize_model(dense, tok, *spec)
+        if spec is not None:
+            perplexity(model, tok, max_windows=1)  # first call: int4 repacking, scratch allocation
+        w0, c0 = time.perf_counter(), time.process_time()
+        ppl = perplexity(model, tok, max_windows=windows)
+        cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
+        kernels = sorted({r["kernel"] for r in kernel_summary(model)})
+        rows.append({"variant": label, "ppl": round(ppl, 4), "eval_cpu_s": round(cpu_s, 2),
+                     "eval_wall_s": round(wall_s, 2), "kernels": kernels})
+        print(f"  {label:28s} ppl {ppl:.4f}  eval {cpu_s:.1f} s CPU ({wall_s:.1f} s wall)  {kernels}", flush=True)
+        if model is not dense:
+            del model
+            gc.collect()
+    base = rows[0]
+    for r in rows:
+        r["speedup_vs_bf16_cpu"] = round(base["eval_cpu_s"] / r["eval_cpu_s"], 3)
+        r["speedup_vs_bf16_wall"] = round(base["eval_wall_s"] / r["eval_wall_s"], 3)
+    return rows
+
+
+# -- memory (one subprocess per scheme) ----------------------------------------------------------
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_child(label: str) -> dict:
+    from quantkit.models import load_model
+
+    torch.set_num_threads(1)
+    dense, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    spec = None if label == "bf16" else SCHEMES[label]
+    dense_linear_bytes = 0
+    if spec is not None:
+        names = {n for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+        model = _quantize_model(dense, tok, *spec)
+        q_names = {n for n, m in model.named_modules() if isinstance(m, QLinear)}
+        dense_linear_bytes = sum(_tensor_bytes(dense.get_submodule(n).weight) for n in q_names & names)
+        del dense
+    else:
+        model = dense
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    ids = torch.randint(0, 1000, (1, 512))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids[:, :1], use_cache=False)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    seen: set[int] = set()
+    total = packed = caches = 0
+    largest_layer_dense = 0
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += _tensor_bytes(t)
+        if isinstance(m, QLinear):
+            packed += m.qweight.nbytes
+            caches += sum(_tensor_bytes(t) for t in m._kcache.values())
+            largest_layer_dense = max(largest_layer_dense, m.out_features * m.in_features * 2)
+    return {"variant": label, "model_tensor_mb": round(total / 2**20, 2), "packed_linear_mb": round(packed / 2**20, 2),
+            "dense_bf16_linear_mb": round(dense_linear_bytes / 2**20, 2),
+            "kernel_cache_mb": round(caches / 2**20, 2), "tile_scratch_mb": round(tiled.scratch_bytes() / 2**20, 2),
+            "largest_layer_bf16_mb": round(largest_layer_dense / 2**20, 2), "rss_mb": round(_rss_mb(), 1)}
+
+
+def memory_rows(labels: list[str]) -> list[dict]:
+    rows = []
+    for label in ["bf16", *labels]:
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", label], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            rows.append({"variant": label, "error": (proc.stderr or proc.stdout)[-300:]})
+            continue
+        rows.append(json.loads(lines[-1]))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------
+def _goal_rows(layers: list[dict]) -> list[dict]:
+    out = []
+    for scheme, (need_prefill, need_decode) in GOALS.items():
+        for rows, need in ((512, need_prefill), (1, need_decode)):
+            cells = [r for r in layers if r["rows"] == rows and scheme in r["speedup_vs_bf16"]]
+            if not cells:
+                continue
+            speed = [r["speedup_vs_bf16"][scheme] for r in cells]
+            met = sum(s >= need for s in speed)
+            out.append({"scheme": scheme, "rows": rows, "need_speedup": round(need, 3),
+                        "min": min(speed), "median": statistics.median(speed), "max": max(speed),
+                        "shapes_met": met, "shapes": len(speed)})
+    return out
+
+
+def markdown(res: dict) -> str:
+    p = res["provenance"]
+    out = ["# Real-mode runtime: quantkit kernels vs bf16/fp32 and CPU peers", "",
+           f"Commit `{p['commit'][:12]}`{' (runtime files modified)' if p['runtime_files_dirty'] else ''}, "
+           f"`{p['command']}`.  ",
+           f"Machine: {p['machine']['cores']} cores, {p['machine']['torch_cpu_capability']}, VNNI "
+           f"{'yes' if p['machine']['vnni'] else 'no'}; load average {p['machine']['loadavg_start'][0]:.1f} at start, "
+           f"{res['loadavg_end'][0]:.1f} at end (the machine is shared).  ",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v) + ".", ""]
+    if res.get("layers"):
+        out += [f"## Layers: median CPU ms per call, {res['threads']} thread, {res['rounds']} interleaved rounds",
+                "", "Speed-up vs bf16 nn.Linear in brackets (>1 is faster). bf16 input. "
+                f"Competitors whose first call took > {SLOW_CALL_S:.0f} s were timed in one round.", ""]
+        names = list(res["layers"][0]["ms"].keys())
+        for r in res["layers"]:
+            names += [k for k in r["ms"] if k not in names]
+        out.append("| shape (out x in) | rows | " + " | ".join(names) + " |")
+        out.append("|---|---|" + "---|" * len(names))
+        for r in res["layers"]:
+            cells = [f"{r['ms'][n]:.3f} ({r['speedup_vs_bf16'][n]:.2f}x)" if n in r["ms"] else "-" for n in names]
+            out.append(f"| {r['model']} {r['layer']} {r['out']}x{r['in']} | {r['rows']} | " + " | ".join(cells) + " |")
+        kernels = {k: v for r in res["layers"] for k, v in r["kernels"].items()}
+        out += ["", "Kernels / peer weight types: " + "; ".join(f"{k}: `{v}`" for k, v in kernels.items()), ""]
+        errs = {k: v for r in res["layers"] for k, v in r["errors"].items()}
+        if errs:
+            out += ["Errors: " + "; ".join(f"{k}: {v}" for k, v in errs.items()), ""]
+        out += ["## Goals (issue 15): speed-up vs bf16 over all shapes", "",
+                "| scheme | rows | needed | min | median | max | shapes meeting it |", "|---|---|---|---|---|---|---|"]
+        for g in res["goals"]:
+            out.append(f"| {g['scheme']} | {g['rows']} | >= {g['need_speedup']:.2f}x | {g['min']:.2f}x | "
+                       f"{g['median']:.2f}x | {g['max']:.2f}x | {g['shapes_met']}/{g['shapes']} |")
+        out.append("")
+    if res.get("e2e"):
+        out += [f"## End to end: SmolLM2-135M perplexity, {res['windows']} x 512 held-out windows, real mode, "
+                f"{res['threads']} thread", "",
+                "| variant | ppl | eval CPU s | eval wall s | speed-up vs bf16 (CPU) | kernels |", "|---|---|---|---|---|---|"]
+        for r in res["e2e"]:
+            out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['eval_cpu_s']:.1f} | {r['eval_wall_s']:.1f} | "
+                       f"{r['speedup_vs_bf16_cpu']:.2f}x | {', '.join(r['kernels'])} |")
+        out.append("")
+    if res.get("memory"):
+        out += ["## Memory: SmolLM2-135M in real mode after a 512-token and a 1-token forward (fresh process each)", "",
+                "| variant | model tensors MB | packed linears MB | dense bf16 of those linears MB | kernel caches MB "
+                "| tile scratch MB | largest layer bf16 MB | RSS MB |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["memory"]:
+            if "error" in r:
+                out.append(f"| {r['variant']} | error: {r['error'][-120:]!r} |||||||")
+                continue
+            out.append(f"| {r['variant']} | {r['model_tensor_mb']} | {r['packed_linear_mb']} | {r['dense_bf16_linear_mb']} | "
+                       f"{r['kernel_cache_mb']} | {r['tile_scratch_mb']} | {r['largest_layer_bf16_mb']} | {r['rss_mb']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # 1 by default: on a CPU shared with other jobs, multi-threaded ops wait on their slowest
+    # thread at every op; every competitor runs with the same setting
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only (a smoke run)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child)))
+        return {}
+    torch.set_num_threads(args.threads)
+    res: dict = {"provenance": provenance(argv), "threads": args.threads, "rounds": args.rounds, "windows": args.windows}
+    if not args.skip_layers:
+        print("layers", flush=True)
+        shapes = [s for s in SHAPES if not args.quick or s[0] == "SmolLM2"]
+        res["layers"] = layer_rows(args.rounds, shapes, ROWS)
+        res["goals"] = _goal_rows(res["layers"])
+    if not args.skip_e2e:
+        print("end to end", flush=True)
+        e2e = {k: v for k, v in SCHEMES.items() if k != "W4A16 int4 g128"}  # SmolLM2's 576 is not a multiple of 128
+        res["e2e"] = e2e_rows(args.windows, e2e)
+    if not args.skip_memory:
+        print("memory", flush=True)
+        res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"])
+    res["loadavg_end"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{NAME}.md").write_text(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
