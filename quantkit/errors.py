@@ -19,6 +19,11 @@ class CalibrationError(QuantkitError):
     """The calibration or evaluation data is missing or too small."""
 
 
+class SolverError(CalibrationError):
+    """A numerical solver failed on the calibration data (e.g. GPTQ's Hessian is not positive
+    definite). The message names the knob to turn: raise dampening, or add calibration data."""
+
+
 class OutputExistsError(QuantkitError):
     """The output path exists and --force was not given."""
 

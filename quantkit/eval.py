@@ -12,15 +12,24 @@ from torch import nn
 from quantkit.calib import DEFAULT_SOURCE, read_texts, token_stream
 from quantkit.errors import CalibrationError
 
-# Families whose training always started sequences with BOS: windows get BOS prepended.
-_BOS_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
 DEFAULT_EVAL_WINDOWS = 64
 _stream_cache: dict[tuple, torch.Tensor] = {}
 
 
-def needs_bos(model: nn.Module, tokenizer) -> bool:
-    model_type = getattr(model.config, "model_type", "")
-    return model_type in _BOS_FAMILIES and tokenizer.bos_token_id is not None
+def needs_bos(tokenizer) -> bool:
+    """Whether evaluation windows start with BOS: whatever the tokenizer itself does.
+
+    Its ``add_bos_token`` when it states one; otherwise whether encoding text with special tokens
+    puts BOS first (fast tokenizers configure that in their post-processor). A model trained with
+    BOS at the start of every sequence ships a tokenizer that adds it, so no family list is needed.
+    """
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        return False
+    flag = getattr(tokenizer, "add_bos_token", None)
+    if isinstance(flag, bool):
+        return flag
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def eval_windows(
@@ -41,7 +50,7 @@ def eval_windows(
     if stream is None:
         texts = read_texts(source, "eval")
         stream = _stream_cache[key] = token_stream(tokenizer, texts)
-    bos = needs_bos(model, tokenizer)
+    bos = needs_bos(tokenizer)
     body = seq_len - 1 if bos else seq_len
     n = stream.numel() // body
     if max_windows is not None:
