@@ -18,7 +18,7 @@ from quantkit.models import load_model, resolve_device
 from quantkit.nn.qlinear import QLinear
 from quantkit.pipeline import ProgressFactory, null_progress, run_passes
 from quantkit.recipe import Recipe
-from quantkit.report import Report
+from quantkit.report import Report, write_report_html
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -146,6 +146,7 @@ def apply(
             report.checkpoint_bytes = dir_bytes(tmp)
             seconds["save"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - started
+            write_report_html(report, tmp / "report.html", model=model)  # first: adds per-layer errors
             atomic_write_text(tmp / "report.json", report.to_json())
             atomic_write_text(tmp / "report.md", report.to_markdown())
     seconds["total"] = time.perf_counter() - started

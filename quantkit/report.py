@@ -80,3 +80,21 @@ class Report:
         if self.details:
             lines += ["", "## Pass details", "", "```json", json.dumps(self.details, indent=2, default=str)[:20000], "```"]
         return "\n".join(lines) + "\n"
+
+
+def write_report_html(report: Report, path, model=None) -> None:
+    """Write report.html (self-contained). With the quantized model, per-layer relative weight
+    errors are measured against the source checkpoint (report.details["layer_weight_error"])."""
+    from pathlib import Path
+
+    from quantkit.io import atomic_write_text
+    from quantkit.report_html import render
+
+    errors = report.details.get("layer_weight_error")
+    if errors is None and model is not None:
+        from quantkit.report_errors import layer_weight_errors, source_dir
+
+        folder = source_dir(report.model)
+        errors = layer_weight_errors(model, folder) if folder is not None else {}
+        report.details["layer_weight_error"] = errors
+    atomic_write_text(Path(path), render(report, errors))

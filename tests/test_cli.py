@@ -112,10 +112,14 @@ def test_apply_writes_checkpoint_and_reports(tmp_path, tiny_llama_dir):
     assert result.exit_code == 0, result.stderr
     report = envelope(result)["report"]
     assert report["ppl_before"] > 0 and report["ppl_after"] > 0 and report["kl"] >= 0
-    for name in ("model.safetensors", "config.json", "recipe.yaml", "report.json", "report.md", "tokenizer.json"):
+    for name in ("model.safetensors", "config.json", "recipe.yaml", "report.json", "report.md", "report.html",
+                 "tokenizer.json"):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
+    errors = report["details"]["layer_weight_error"]  # measured against the source for report.html
+    assert len(errors) == 14 and all(0 < e < 0.05 for e in errors.values())  # int8: under 5% per layer
+    assert (out / "report.html").read_text().count("<svg") == 3
 
 
 def test_quality_gate_fails_with_exit_1_and_writes_nothing(tmp_path, tiny_llama_dir):
