@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from quantkit.arch import arch_info
-from quantkit.calib import load_calib
 from quantkit.context import Context
 from quantkit.errors import CalibrationError, QualityGateError, QuantkitError
 from quantkit.eval import eval_windows, mean_kl, perplexity
 from quantkit.io import atomic_dir, atomic_write_text, check_output
 from quantkit.models import load_model, resolve_device
 from quantkit.nn.qlinear import QLinear
+from quantkit.export.shards import DEFAULT_MAX_SHARD
 from quantkit.pipeline import ProgressFactory, null_progress, run_passes
 from quantkit.recipe import Recipe
 from quantkit.report import Report, write_report_html
@@ -45,32 +46,19 @@ def check_context_length(model: nn.Module, seq_len: int, what: str) -> None:
         raise CalibrationError(f"{what} seq_len {seq_len} exceeds the model's context length {limit}")
 
 
-def save_output(model: nn.Module, tokenizer, out_dir: Path) -> str:
-    """Write the checkpoint in the layout its modules need; returns the layout name."""
-    import importlib
+def save_output(model: nn.Module, tokenizer, out_dir: Path, layout: str | None = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD) -> str:
+    """Write a model that is entirely in memory, block by block through the one writer."""
+    from quantkit.export.writer import CheckpointWriter, layout_of_model
 
-    from quantkit import hf_integration
-    from quantkit.export import quantkit_layout
-    from quantkit.export.compressed_tensors import save_checkpoint
-
-    for handler_module in hf_integration.HANDLER_MODULES:  # every layout type must be known to the writer
-        importlib.import_module(handler_module)
-
-    if quantkit_layout.has_quantkit_modules(model):
-        if any(isinstance(m, QLinear) for m in model.modules()):
-            raise QuantkitError(
-                "this model mixes compressed-tensors layers with quantkit-only layers; one checkpoint "
-                "cannot hold both yet (run the quantkit-only pass alone, or disable saving)"
-            )
-        quantkit_layout.save_quantkit_checkpoint(model, out_dir)
-        layout = "quantkit"
-    elif any(isinstance(m, QLinear) for m in model.modules()):
-        save_checkpoint(model, out_dir)
-        layout = "compressed-tensors"
-    else:
-        model.save_pretrained(out_dir, safe_serialization=True)
-        layout = "dense"
-    tokenizer.save_pretrained(out_dir)
+    layout = layout or layout_of_model(model)
+    ctx_arch = arch_info(model)
+    writer = CheckpointWriter(out_dir, layout, max_shard_bytes)
+    prefixes = [f"{ctx_arch.layers_path}.{i}" for i in range(ctx_arch.num_layers)]
+    for prefix in prefixes:
+        writer.add_block(prefix, model.get_submodule(prefix))
+    writer.add_rest(model, prefixes)
+    writer.finish(model, tokenizer)
     return layout
 
 
@@ -86,72 +74,155 @@ def apply(
     max_ppl_increase: float | None = None,
     max_kl: float | None = None,
     progress: ProgressFactory = null_progress,
+    execution: str | None = None,
+    max_shard_size: str | int | None = None,
 ) -> Report:
-    """Load the model, run the recipe's passes, evaluate, gate, and write the checkpoint."""
+    """Load the model, run the recipe's passes block by block, evaluate, gate, and write the checkpoint.
+
+    execution: "whole" (the model in memory), "streaming" (one decoder block in memory at a
+    time, read from the checkpoint's shards) or "auto" (streaming when the checkpoint would not
+    comfortably fit); None takes the recipe's. Both run the same block loop and write the same bytes.
+    """
+    from quantkit.export.shards import parse_size
+    from quantkit.export.writer import layout_for
+    from quantkit.stream import plan
+
     started = time.perf_counter()
-    if output is not None and recipe.output.save:
+    saving = output is not None and recipe.output.save
+    if saving:
         check_output(Path(output), force)
+    # decided before any weight loads: the layout the passes produce, and how they run
+    layout = layout_for(recipe.passes) if saving else None
+    max_shard = parse_size(max_shard_size if max_shard_size is not None else recipe.output.max_shard_size)
+    requested = execution or recipe.execution
+    model_dir = None
+    if requested != "whole":
+        try:
+            model_dir = plan.local_model_dir(model_spec)
+        except QuantkitError:
+            if requested == "streaming":
+                raise
+    mode, why = plan.choose_execution(requested, recipe.passes, model_dir)
     report = Report(model=model_spec, recipe=recipe.name, output=None if output is None else str(output))
+    report.details["execution"] = {"mode": mode, "why": why}
     seconds = report.seconds
     do_eval = recipe.eval.enabled or max_ppl_increase is not None or max_kl is not None
 
     t = time.perf_counter()
-    with progress("load model", 0):
-        model, tokenizer = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    dev = resolve_device(device)
+    with progress(f"load model ({mode})", 0):
+        model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code)
     seconds["load"] = time.perf_counter() - t
-    report.device = str(resolve_device(device))
+    report.device = str(dev)
     arch = arch_info(model)
     check_context_length(model, recipe.calib.seq_len, "calibration")
     if do_eval:
         check_context_length(model, recipe.eval.seq_len, "evaluation")
 
-    ctx = Context(model=model, tokenizer=tokenizer, arch=arch, device=resolve_device(device),
-                  calib_config=recipe.calib, batch_size=recipe.calib.batch_size, seed=recipe.calib.seed)
-    report.model_bytes_before = module_bytes(model)
-    ev = recipe.eval
-    if do_eval:
+    ctx = Context(model=model, tokenizer=tokenizer, arch=arch, device=dev,
+                  calib_config=recipe.calib, batch_size=recipe.calib.batch_size, seed=recipe.calib.seed,
+                  residency=residency)
+    report.model_bytes_before = residency.source.total_bytes() if residency.streaming else module_bytes(model)
+    stage_list = plan.stages(recipe.passes)
+    one_loop = len(stage_list) == 1 and stage_list[0][0].execution == "block"
+
+    out_ctx = atomic_dir(Path(output), force=force) if saving else nullcontext(None)
+    with out_ctx as tmp:
+        writer = None
+        if saving:
+            from quantkit.export.writer import CheckpointWriter
+
+            writer = CheckpointWriter(tmp, layout, max_shard)
+        evaluation = None
+        if do_eval and one_loop:
+            evaluation = _side_by_side(model, tokenizer, arch, recipe, dev, report, progress)
+        elif do_eval:
+            t = time.perf_counter()
+            report.ppl_before = _held_out_ppl(model, tokenizer, recipe.eval, progress, "evaluate original")
+            reference = _topk_reference(model, tokenizer, recipe.eval) if recipe.eval.kl_samples else None
+            seconds["eval_before"] = time.perf_counter() - t
+
         t = time.perf_counter()
-        report.ppl_before = _held_out_ppl(model, tokenizer, ev, progress, "evaluate original")
-        if ev.kl_samples:
-            ctx.keep_teacher()
-        seconds["eval_before"] = time.perf_counter() - t
+        report.passes = run_passes(stage_list, ctx, progress, writer=writer if one_loop else None, evaluation=evaluation)
+        seconds["passes"] = time.perf_counter() - t
+        report.details.update(ctx.report)
+        report.model_bytes_after = writer.shards.total_bytes if (residency.streaming and writer) else (
+            None if residency.streaming else module_bytes(model))
 
-    t = time.perf_counter()
-    report.passes = run_passes_keep_teacher(recipe, ctx, progress)
-    seconds["passes"] = time.perf_counter() - t
-    report.details = ctx.report
-    report.model_bytes_after = module_bytes(model)
+        if do_eval:
+            t = time.perf_counter()
+            if evaluation is not None:
+                with progress("evaluate (reference and quantized streams)", evaluation.n_windows) as advance:
+                    result = evaluation.finish(advance)
+                report.ppl_before, report.ppl_after, report.kl = result["ppl_before"], result["ppl_after"], result["kl"]
+            else:
+                report.ppl_after = _held_out_ppl(model, tokenizer, recipe.eval, progress, "evaluate quantized")
+                if reference is not None:
+                    report.kl = reference.kl(model)
+            seconds["eval"] = time.perf_counter() - t
 
-    if do_eval:
-        t = time.perf_counter()
-        report.ppl_after = _held_out_ppl(model, tokenizer, ev, progress, "evaluate quantized")
-        if ev.kl_samples and ctx.teacher is not None:
-            kl_ids = ctx.calib if ctx.calib is not None else load_calib(
-                tokenizer, source=recipe.calib.source, n_samples=ev.kl_samples, seq_len=recipe.calib.seq_len,
-                seed=recipe.calib.seed)
-            kl_ids = kl_ids[: ev.kl_samples]
-            batches = [kl_ids[i : i + recipe.calib.batch_size] for i in range(0, len(kl_ids), recipe.calib.batch_size)]
-            with progress("KL vs original", len(kl_ids)) as advance:
-                report.kl = mean_kl(model, ctx.teacher, batches, progress=advance)
-        ctx.teacher = None
-        seconds["eval_after"] = time.perf_counter() - t
+        _gates(report, max_ppl_increase, max_kl)
 
-    _gates(report, max_ppl_increase, max_kl)
-
-    if output is not None and recipe.output.save:
-        t = time.perf_counter()
-        with progress("save checkpoint", 0), atomic_dir(Path(output), force=force) as tmp:
-            report.details["layout"] = save_output(model, tokenizer, tmp)
-            atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
-            report.checkpoint_bytes = dir_bytes(tmp)
-            seconds["save"] = time.perf_counter() - t
-            seconds["total"] = time.perf_counter() - started
-            write_report_html(report, tmp / "report.html", model=model)  # first: adds per-layer errors
-            atomic_write_text(tmp / "report.json", report.to_json())
-            atomic_write_text(tmp / "report.md", report.to_markdown())
+        if saving:
+            t = time.perf_counter()
+            with progress("save checkpoint", 0):
+                if not one_loop:  # the passes ran as several stages on the model in memory: write it now
+                    prefixes = [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)]
+                    for prefix in prefixes:
+                        writer.add_block(prefix, model.get_submodule(prefix))
+                writer.add_rest(model, [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)])
+                writer.finish(model, tokenizer)
+                report.details["layout"] = layout
+                atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
+                report.checkpoint_bytes = dir_bytes(tmp)
+                seconds["save"] = time.perf_counter() - t
+                seconds["total"] = time.perf_counter() - started
+                write_report_html(report, tmp / "report.html", model=model)  # first: adds per-layer errors
+                atomic_write_text(tmp / "report.json", report.to_json())
+                atomic_write_text(tmp / "report.md", report.to_markdown())
     seconds["total"] = time.perf_counter() - started
     report.model_obj = model  # for in-process callers (tests, benchmarks); not serialized
     return report
+
+
+def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.device, trust_remote_code: bool):
+    """-> (model, tokenizer, residency)."""
+    from quantkit.stream.residency import StreamResidency, WholeResidency, build_skeleton
+    from quantkit.stream.source import SafetensorsSource
+
+    if mode == "whole":
+        model, tok = load_model(spec, dtype=dtype, device=str(dev), trust_remote_code=trust_remote_code)
+        return model, tok, WholeResidency(model)
+    from transformers import AutoTokenizer
+
+    from quantkit.models import resolve_dtype
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    want = resolve_dtype(dtype)
+    model = build_skeleton(model_dir, want, trust_remote_code)
+    arch = arch_info(model)
+    prefixes = [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)]
+    residency = StreamResidency(model, SafetensorsSource(model_dir), prefixes, dev)
+    residency.load_resident()
+    return model, tok, residency
+
+
+def _side_by_side(model, tokenizer, arch, recipe: Recipe, dev, report: Report, progress: ProgressFactory):
+    from quantkit.stream.evaluation import SideBySide, sized_windows
+
+    ev = recipe.eval
+    n_params = sum(p.numel() for p in model.parameters())
+    n = sized_windows(ev.max_windows, ev.seq_len, n_params)
+    windows = eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=n)
+    flops = 2 * 2 * n_params * windows.numel()  # two streams, 2 FLOP per parameter per token
+    report.details["eval_plan"] = {"windows": int(windows.shape[0]), "seq_len": ev.seq_len,
+                                   "approx_tflop": round(flops / 1e12, 2), "kl": bool(ev.kl_samples)}
+    with progress(f"evaluation: {windows.shape[0]} held-out windows x {ev.seq_len} tokens, two streams, "
+                  f"~{flops / 1e12:.1f} TFLOP", 0):
+        ev_obj = SideBySide(model, list(arch.layers(model)), windows, recipe.calib.batch_size, dev,
+                            kl=bool(ev.kl_samples))
+    ev_obj.n_windows = int(windows.shape[0])
+    return ev_obj
 
 
 def _held_out_ppl(model: nn.Module, tokenizer, ev, progress: ProgressFactory, label: str) -> float:
@@ -160,12 +231,11 @@ def _held_out_ppl(model: nn.Module, tokenizer, ev, progress: ProgressFactory, la
         return perplexity(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.max_windows, progress=advance)
 
 
-def run_passes_keep_teacher(recipe: Recipe, ctx: Context, progress: ProgressFactory) -> list[dict]:
-    teacher = ctx.teacher
-    rows = run_passes(recipe.passes, ctx, progress)
-    if ctx.teacher is None and teacher is not None:
-        ctx.teacher = teacher  # run_passes frees its own snapshot; keep the eval reference
-    return rows
+def _topk_reference(model: nn.Module, tokenizer, ev):
+    from quantkit.stream.evaluation import TopKReference
+
+    windows = eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=ev.kl_samples)
+    return TopKReference(model, windows)
 
 
 def _gates(report: Report, max_ppl_increase: float | None, max_kl: float | None) -> None:

@@ -37,6 +37,12 @@ class Context:
     calib_config: Any = None
     # advance the current pass's progress bar by n work units (set by the pipeline)
     progress: Callable[[int], None] | None = None
+    # per-run state of the passes, by pass name (passes themselves are frozen configuration)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    # where the weights live: quantkit.stream.residency.WholeResidency / StreamResidency (None = whole)
+    residency: Any = None
+    # facts that passes in later stages require (set by the pipeline)
+    needed_later: set[str] = field(default_factory=set)
 
     def keep_teacher(self) -> None:
         """Snapshot the unmodified model once, for passes that compare against it."""

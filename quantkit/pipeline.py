@@ -1,4 +1,9 @@
-"""The pipeline: a plain for-loop over passes that times each and drives progress."""
+"""The pipeline: the recipe's passes as stages, each stage one block loop or one whole-model pass.
+
+Consecutive block passes share one block loop (quantkit.stream.loop.run_stage); a pass that
+needs the whole model (MASA, QuantVLA's ATM/OHB) is a stage of its own and runs on the model
+in memory. Times each stage and drives progress.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from quantkit.context import Context
-from quantkit.passes.base import Pass
 
 # a progress factory: (description, total units) -> context manager yielding advance(n)
 ProgressFactory = Callable[[str, int], AbstractContextManager]
@@ -17,21 +21,33 @@ def null_progress(_description: str, _total: int) -> AbstractContextManager:
     return nullcontext(lambda _n=1: None)
 
 
-def run_passes(passes: list[Pass], ctx: Context, progress: ProgressFactory = null_progress) -> list[dict]:
-    """Run passes in order; returns one timing row per pass."""
+def run_passes(stage_list: list[list], ctx: Context, progress: ProgressFactory = null_progress, *,
+               writer=None, evaluation=None) -> list[dict]:
+    """Run each stage in order; -> one timing row per pass. writer/evaluation ride the (single) block loop."""
+    from quantkit.stream.loop import run_stage
+
     rows = []
-    if any(p.needs_teacher for p in passes):
-        ctx.keep_teacher()
-    for i, p in enumerate(passes):
-        # what the passes after this one still need (lets calibrate skip unneeded statistics)
-        ctx.needed = set().union(*(q.requirements() for q in passes[i + 1 :]))
-        total = p.work_units(ctx) if hasattr(p, "work_units") else 0
+    for k, stage in enumerate(stage_list):
+        later = [p for s in stage_list[k + 1:] for p in s]
+        ctx.needed_later = set().union(*(q.requirements() for q in later)) if later else set()
+        names = "+".join(p.name for p in stage)
         start = time.perf_counter()
-        with progress(f"pass {i}: {p.name}", total) as advance:
-            ctx.progress = advance
-            p.run(ctx.model, ctx)
-            ctx.progress = None
-        ctx.provided |= set(p.provides)
-        rows.append({"index": i, "pass": p.name, "seconds": round(time.perf_counter() - start, 3)})
+        if stage[0].execution == "block":
+            with progress(f"{names}: blocks", ctx.arch.num_layers) as advance:
+                run_stage(stage, ctx, writer=writer, evaluation=evaluation, progress=advance)
+        else:
+            p = stage[0]
+            ctx.needed = ctx.needed_later
+            if p.needs_teacher:
+                ctx.keep_teacher()
+            with progress(f"pass: {p.name}", p.work_units(ctx)) as advance:
+                ctx.progress = advance
+                p.run(ctx.model, ctx)
+                ctx.progress = None
+            ctx.provided |= set(p.provided_facts())
+        elapsed = round(time.perf_counter() - start, 3)
+        for p in stage:
+            # passes sharing a block loop share its time: "seconds" is the stage's
+            rows.append({"index": len(rows), "pass": p.name, "stage": k, "seconds": elapsed})
     ctx.teacher = None
     return rows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,13 +34,19 @@ class EvalConfig(BaseModel):
     enabled: bool = True
     seq_len: int = Field(512, ge=2)
     max_windows: int | None = Field(64, ge=1)
-    kl_samples: int = Field(8, ge=0)  # calibration windows used for mean token KL vs the original
+    # mean token KL vs the original on held-out windows; 0 disables it. In the block loop it covers
+    # every evaluation window (exact); with whole-model passes, the first kl_samples (top-k reference)
+    kl_samples: int = Field(8, ge=0)
 
 
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     save: bool = True
+    # auto: the layout the passes need (compressed-tensors, or quantkit's own); bnb-int8: the
+    # bitsandbytes LLM.int8 checkpoint (llm_int8 pass, outliers: dynamic; quantkit/export/bnb.py)
+    layout: Literal["auto", "bnb-int8"] = "auto"
+    max_shard_size: str = "5GB"  # shards are flushed at this size, as transformers does
 
 
 class Recipe(BaseModel):
@@ -51,6 +57,9 @@ class Recipe(BaseModel):
     calib: CalibConfig = CalibConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    # whole: the model in memory; streaming: one decoder block at a time; auto: streaming when
+    # the checkpoint would not comfortably fit in memory (and every pass can stream)
+    execution: Literal["auto", "whole", "streaming"] = "auto"
     passes: list[Any]
 
     def to_dict(self) -> dict:
@@ -109,7 +118,7 @@ def check_order(where: str, passes: list[Pass]) -> None:
             fact = missing[0]
             hint = f"; add a '{providers[fact]}' pass before it" if fact in providers else ""
             raise RecipeError(f"{where}: passes[{i}] ({p.name}) requires {fact!r}, which no earlier pass provides{hint}")
-        have |= p.provides
+        have |= p.provided_facts()
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
@@ -153,7 +162,23 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     except ValidationError as err:
         raise _first_error(where, "", err) from None
     check_order(where, passes)
+    _check_plan(where, recipe)
     return recipe
+
+
+def _check_plan(where: str, recipe: Recipe) -> None:
+    """What can be decided before any weight loads: the output layout and whether the passes stream."""
+    from quantkit.errors import QuantkitError
+    from quantkit.export.writer import layout_for
+    from quantkit.stream.plan import check_streamable
+
+    if recipe.output.save:
+        try:
+            layout_for(recipe.passes)
+        except QuantkitError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if recipe.execution == "streaming":
+        check_streamable(recipe.passes, where)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -40,6 +40,18 @@ def linear_weight(module: nn.Module):
     return module.weight
 
 
+def as_linear(module: nn.Module) -> nn.Module:
+    """An nn.Linear view of a GPT-2 Conv1D (weight transposed to [out, in]); nn.Linear unchanged."""
+    if not (Conv1D and isinstance(module, Conv1D)):
+        return module
+    w = module.weight.t()  # [out, in]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = module.bias
+    return lin
+
+
 class Targets(BaseModel):
     """Which linears a pass acts on. Empty include means every block linear."""
 

@@ -27,6 +27,9 @@ def codecs() -> dict:
     except ImportError:  # the FP4 codecs are optional until that module exists
         return table
     table.update(ct_fp4.CODECS)
+    from quantkit.export import ct_fp8
+
+    table.update(ct_fp8.CODECS)
     return table
 
 
@@ -67,26 +70,32 @@ def _to_ct(module: QLinear, qt) -> dict[str, torch.Tensor]:
 
 
 def quantization_config(model: nn.Module) -> dict:
+    schemes, ignore = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            schemes[name] = scheme_dict(module)
+        elif isinstance(module, nn.Linear):
+            ignore.append(name)
+    return config_from(schemes, ignore)
+
+
+def config_from(schemes: dict[str, dict], ignore: list[str]) -> dict:
+    """The quantization_config from each quantized module's scheme and the unquantized linears."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     groups: dict[str, list[str]] = {}
-    schemes: dict[str, dict] = {}
-    ignore = []
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            s = scheme_dict(module)
-            key = json.dumps(s, sort_keys=True)
-            schemes[key] = s
-            groups.setdefault(key, []).append(name)
-        elif isinstance(module, nn.Linear):
-            ignore.append(name)
+    by_key: dict[str, dict] = {}
+    for name, s in schemes.items():
+        key = json.dumps(s, sort_keys=True)
+        by_key[key] = s
+        groups.setdefault(key, []).append(name)
     if not groups:
         raise QuantkitError("no quantized linear layers to export")
     single = len(groups) == 1
     config_groups = {}
     for i, (key, names) in enumerate(groups.items()):
-        s = schemes[key]
+        s = by_key[key]
         act = s["input_activations"]
         config_groups[f"group_{i}"] = QuantizationScheme(
             targets=["Linear"] if single else names,
@@ -94,12 +103,12 @@ def quantization_config(model: nn.Module) -> dict:
             input_activations=None if act is None else QuantizationArgs(**act),
             format=s["format"],
         )
-    formats = {s["format"] for s in schemes.values()}
+    formats = {s["format"] for s in by_key.values()}
     qc = QuantizationConfig(
         config_groups=config_groups,
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
-        ignore=ignore,
+        ignore=list(ignore),
     )
     data = qc.model_dump(exclude=["quant_method"])
     return {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
@@ -140,24 +149,37 @@ def _refuse_runtime_hooks(model: nn.Module) -> None:
             )
 
 
+def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
+    """One subtree in the compressed-tensors layout: (tensors by full name, scheme per quantized
+    linear, unquantized linears). The writer calls it per decoder block and once for the rest."""
+    _refuse_runtime_hooks(module)
+    dot = prefix + "." if prefix else ""
+    out: dict[str, torch.Tensor] = {}
+    schemes: dict[str, dict] = {}
+    ignore: list[str] = []
+    qprefixes = []
+    for sub, m in module.named_modules():
+        name = dot + sub if sub else prefix
+        if isinstance(m, QLinear):
+            qprefixes.append(name + ".")
+            schemes[name] = scheme_dict(m)
+            for suffix, t in _to_ct(m, _folded_qweight(name, m)).items():
+                out[f"{name}.{suffix}"] = t
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach()
+            if m.input_global_scale is not None:
+                out[f"{name}.input_global_scale"] = m.input_global_scale.float().reshape(1)
+        elif isinstance(m, nn.Linear):
+            ignore.append(name)
+    for key, t in module.state_dict(prefix=dot).items():
+        if not any(key.startswith(q) for q in qprefixes):
+            out[key] = t
+    return out, schemes, ignore
+
+
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Named tensors in the compressed-tensors layout; tied weights stored once."""
-    _refuse_runtime_hooks(model)
-    out: dict[str, torch.Tensor] = {}
-    qnames = []
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            qnames.append(name + ".")
-            for suffix, t in _to_ct(module, _folded_qweight(name, module)).items():
-                out[f"{name}.{suffix}"] = t
-            if module.bias is not None:
-                out[f"{name}.bias"] = module.bias.detach()
-            if module.input_global_scale is not None:
-                out[f"{name}.input_global_scale"] = module.input_global_scale.float().reshape(1)
-    for key, t in model.state_dict().items():
-        if any(key.startswith(q) for q in qnames):
-            continue
-        out[key] = t
+    out, _, _ = module_tensors("", model)
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     result, seen = {}, set()

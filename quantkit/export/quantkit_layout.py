@@ -175,6 +175,42 @@ def quantkit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return saveable(sd)
 
 
+def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """One subtree in quantkit's layout: (tensors by full name with guards, config per quantkit module)."""
+    dot = prefix + "." if prefix else ""
+    sd = dict(module.state_dict(prefix=dot))
+    modules: dict[str, dict[str, Any]] = {}
+    for sub, (handler, m) in quantkit_modules(module).items():
+        name = dot + sub if sub else prefix
+        key = f"{name}.{GUARD_KEY}" if name else GUARD_KEY
+        existing = sd.get(key)
+        if existing is not None and existing.numel() > 0:
+            raise FormatError(
+                f"{handler.type_name} module {name!r} stores a non-empty '{GUARD_KEY}'; rename it so that a "
+                f"loader without quantkit fails instead of loading it into a dense Linear"
+            )
+        sd[key] = _guard()
+        cfg = handler.config(m)
+        if "type" in cfg:
+            raise FormatError(f"{handler.type_name}: config() must not set the reserved key 'type'")
+        modules[name] = {"type": handler.type_name, **cfg}
+    return sd, modules
+
+
+def config_from(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = {
+        "quant_method": QUANT_METHOD,
+        "version": _package_version(),
+        "layout_version": LAYOUT_VERSION,
+        "modules": modules,
+    }
+    try:
+        json.dumps(out, allow_nan=False)
+    except (TypeError, ValueError) as e:  # a handler returned tensors or other non-JSON values
+        raise FormatError(f"quantkit layout config is not JSON-serializable: {e}") from None
+    return out
+
+
 def saveable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tensors safetensors can write: tied duplicates dropped (first name kept), contiguous, CPU."""
     out: dict[str, torch.Tensor] = {}

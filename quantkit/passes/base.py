@@ -26,13 +26,47 @@ class Pass(BaseModel):
     provides: ClassVar[frozenset[str]] = frozenset()
     # passes that compare against the unmodified model set this; the pipeline keeps a copy
     needs_teacher: ClassVar[bool] = False
+    # how the pass runs: "block" = run_block() on each decoder block inside the shared block loop
+    # (streams); "model" = run() on the whole model in memory (execution: whole only)
+    execution: ClassVar[str] = "model"
+    # the checkpoint layout the modules this pass creates need (None: it leaves dense weights)
+    output_layout: ClassVar[str | None] = None
 
     def run(self, model: nn.Module, ctx: Any) -> None:  # ctx: quantkit.context.Context
+        """Whole model in memory. Block passes get this for free: the block loop over every block."""
+        if self.execution != "block":
+            raise NotImplementedError
+        from quantkit.stream.loop import run_stage
+
+        run_stage([self], ctx)
+
+    # -- block passes --------------------------------------------------------------------------
+    def begin(self, ctx: Any) -> None:
+        """Before the first block (e.g. load the calibration buffer)."""
+
+    def needs_inputs(self, ctx: Any) -> bool:
+        """Whether run_block reads the blocks' calibration inputs (the loop then propagates them)."""
+        return False
+
+    def run_block(self, blk: Any, ctx: Any) -> None:  # blk: quantkit.stream.loop.BlockView
         raise NotImplementedError
+
+    def run_rest(self, model: nn.Module, ctx: Any) -> None:
+        """After the last block: targets outside the decoder blocks (e.g. an explicitly included lm_head)."""
+
+    def finish(self, ctx: Any) -> None:
+        """After every block: the pass's report row."""
+
+    def work_units(self, ctx: Any) -> int:
+        return 0
 
     def requirements(self) -> frozenset[str]:
         """Facts this configured pass needs; override when they depend on fields."""
         return self.requires
+
+    def provided_facts(self) -> frozenset[str]:
+        """Facts this configured pass provides; override when they depend on fields."""
+        return self.provides
 
 
 PASSES: Registry[type[Pass]] = Registry("pass", RecipeError)

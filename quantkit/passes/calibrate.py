@@ -9,6 +9,7 @@ from torch import nn
 
 from quantkit.calib import load_calib_config
 from quantkit.passes.base import Pass, register_pass
+from quantkit.targets import is_linear
 
 
 def forward_for_stats(model: nn.Module, batch: torch.Tensor) -> None:
@@ -24,30 +25,45 @@ def forward_for_stats(model: nn.Module, batch: torch.Tensor) -> None:
 
 @register_pass
 class Calibrate(Pass):
-    """Calibration buffer + input amax (per tensor and per input column) of every linear."""
+    """Calibration buffer + input amax (per tensor and per input column) of every linear.
+
+    In the block loop the statistics of block i come from its calibration inputs, which are the
+    outputs of blocks 0..i-1 already quantized (sequential calibration, as llm-compressor's
+    sequential pipeline): static activation scales then match what the quantized model feeds.
+    """
 
     name: ClassVar[str] = "calibrate"
     summary: ClassVar[str] = "load the calibration buffer; record each linear's input amax"
     provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats"})
+    execution: ClassVar[str] = "block"
 
     # "auto": run the calibration forwards only when a later pass needs activation statistics
     collect_stats: bool | Literal["auto"] = "auto"
+
+    def provided_facts(self) -> frozenset[str]:
+        return frozenset({"calib"}) if self.collect_stats is False else self.provides
 
     def _collect(self, ctx) -> bool:
         if self.collect_stats == "auto":
             return "act_stats" in ctx.needed
         return bool(self.collect_stats)
 
-    @torch.inference_mode()
-    def run(self, model: nn.Module, ctx) -> None:
+    def begin(self, ctx) -> None:
         cfg = ctx.calib_config
         ctx.calib = load_calib_config(ctx.tokenizer, cfg)
         ctx.batch_size = cfg.batch_size
-        if not self._collect(ctx):
-            ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
-                       statistics="skipped (no later pass needs them)")
+        ctx.scratch[self.name] = {"collect": self._collect(ctx), "linears": 0}
+        if ctx.scratch[self.name]["collect"]:
+            ctx.stats.setdefault("act_amax", {})
+            ctx.stats.setdefault("act_col_amax", {})
+
+    def needs_inputs(self, ctx) -> bool:
+        return ctx.scratch[self.name]["collect"]
+
+    @torch.inference_mode()
+    def run_block(self, blk, ctx) -> None:
+        if not ctx.scratch[self.name]["collect"]:
             return
-        amax: dict[str, torch.Tensor] = {}
         col_amax: dict[str, torch.Tensor] = {}
 
         def hook(name):
@@ -59,20 +75,26 @@ class Calibrate(Pass):
 
             return fn
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        handles = [m.register_forward_pre_hook(hook(f"{blk.prefix}.{n}"))
+                   for n, m in blk.module.named_modules() if is_linear(m)]
         try:
-            for batch in ctx.calib_batches():
-                forward_for_stats(model, batch)
-                if ctx.progress:
-                    ctx.progress(batch.shape[0])
+            blk.forward()
         finally:
             for h in handles:
                 h.remove()
         for name, cols in col_amax.items():
-            amax[name] = cols.max().reshape(1)
-        ctx.stats["act_amax"] = amax
-        ctx.stats["act_col_amax"] = col_amax
-        ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source, linears=len(amax))
+            ctx.stats["act_amax"][name] = cols.max().reshape(1)
+            ctx.stats["act_col_amax"][name] = cols
+        ctx.scratch[self.name]["linears"] += len(col_amax)
+
+    def finish(self, ctx) -> None:
+        cfg = ctx.calib_config
+        if not ctx.scratch[self.name]["collect"]:
+            ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
+                       statistics="skipped (no later pass needs them)")
+            return
+        ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
+                   linears=ctx.scratch[self.name]["linears"], calibration="sequential")
 
     def work_units(self, ctx) -> int:
-        return ctx.calib_config.n_samples if self._collect(ctx) else 0
+        return ctx.calib_config.n_samples

@@ -21,7 +21,7 @@ from torch import nn
 from quantkit.export.quantkit_layout import set_module
 from quantkit.nn.outlier_linear import DEFAULT_THRESHOLD, OutlierLinear
 from quantkit.passes.base import Pass, register_pass
-from quantkit.targets import Targets
+from quantkit.targets import Targets, as_linear, linear_weight
 
 ALWAYS_SKIP = ("lm_head", "*.lm_head")  # bitsandbytes' default; the output head stays 16-bit
 
@@ -48,6 +48,8 @@ class LlmInt8(Pass):
     name: ClassVar[str] = "llm_int8"
     summary: ClassVar[str] = "LLM.int8(): vector-wise int8 + 16-bit outlier columns (dynamic or static)"
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+    execution: ClassVar[str] = "block"
+    output_layout: ClassVar[str | None] = "quantkit"
 
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0)  # .inf = no decomposition (bnb's threshold 0)
     outliers: Literal["dynamic", "static"] = "dynamic"
@@ -69,29 +71,43 @@ class LlmInt8(Pass):
             names.append(name)
         return names
 
+    def begin(self, ctx) -> None:
+        measure = ctx.calib is not None and not math.isinf(self.threshold)
+        ctx.scratch[self.name] = {"names": self.select(ctx.model, ctx), "measure": measure, "layers": {},
+                                  "macs_total": 0.0, "macs_16bit": 0.0}
+
+    def needs_inputs(self, ctx) -> bool:
+        return ctx.scratch[self.name]["measure"]
+
     @torch.inference_mode()
-    def _count_outliers(self, model: nn.Module, ctx, names: list[str]) -> dict[str, _OutlierCounter]:
+    def _count_outliers(self, blk, names: list[str]) -> dict[str, _OutlierCounter]:
         counters, handles = {}, []
         for name in names:
-            module = model.get_submodule(name)
-            counters[name] = _OutlierCounter(module.in_features, self.threshold, module.weight.device)
+            module = blk.model.get_submodule(name)
+            in_features = linear_weight(module).shape[1]
+            counters[name] = _OutlierCounter(in_features, self.threshold, module.weight.device)
             handles.append(module.register_forward_pre_hook(counters[name]))
         try:
-            for batch in ctx.calib_batches():
-                model(input_ids=batch, use_cache=False)
+            blk.forward()
         finally:
             for h in handles:
                 h.remove()
         return counters
 
-    def run(self, model: nn.Module, ctx) -> None:
-        names = self.select(model, ctx)
-        measure = ctx.calib is not None and not math.isinf(self.threshold)
-        counters = self._count_outliers(model, ctx, names) if measure else {}
-        layers: dict[str, dict] = {}
-        macs_total = macs_16bit = 0.0
+    def run_block(self, blk, ctx) -> None:
+        state = ctx.scratch[self.name]
+        names = blk.select(state["names"])
+        counters = self._count_outliers(blk, names) if state["measure"] and names else {}
+        self._replace(blk.model, ctx, names, counters)
+
+    def run_rest(self, model: nn.Module, ctx) -> None:
+        prefix = ctx.arch.layers_path + "."
+        self._replace(model, ctx, [n for n in ctx.scratch[self.name]["names"] if not n.startswith(prefix)], {})
+
+    def _replace(self, model: nn.Module, ctx, names: list[str], counters: dict) -> None:
+        state = ctx.scratch[self.name]
         for name in names:
-            linear = model.get_submodule(name)
+            linear = as_linear(model.get_submodule(name))  # GPT-2 Conv1D: the same weight as [out, in]
             counter = counters.get(name)
             idx = None
             if self.outliers == "static":
@@ -101,27 +117,28 @@ class LlmInt8(Pass):
             )
             set_module(model, name, q)
             row = self._layer_row(q, counter)
-            layers[name] = row
+            state["layers"][name] = row
             if row["outlier_cols"] is not None:
-                macs_total += q.in_features * q.out_features
-                macs_16bit += row["outlier_cols"] * q.out_features
+                state["macs_total"] += q.in_features * q.out_features
+                state["macs_16bit"] += row["outlier_cols"] * q.out_features
             ctx.quantized[name] = {
                 "method": "llm_int8",
                 "threshold": self.threshold,
                 "outliers": self.outliers,
                 "outlier_cols": row["outlier_cols"],
             }
-            if ctx.progress:
-                ctx.progress(1)
+
+    def finish(self, ctx) -> None:
+        state = ctx.scratch[self.name]
         ctx.record(
             self.name,
             threshold=self.threshold,
             outliers=self.outliers,
             bnb_compat=self.bnb_compat,
-            modules=len(names),
+            modules=len(state["layers"]),
             # dynamic counts are per calibration forward of batch_size x seq_len tokens
-            int8_share=None if macs_total == 0 else 1.0 - macs_16bit / macs_total,
-            layers=layers,
+            int8_share=None if state["macs_total"] == 0 else 1.0 - state["macs_16bit"] / state["macs_total"],
+            layers=state["layers"],
         )
 
     def _layer_row(self, q: OutlierLinear, counter: _OutlierCounter | None) -> dict:
@@ -142,4 +159,4 @@ class LlmInt8(Pass):
         }
 
     def work_units(self, ctx) -> int:
-        return len(self.select(ctx.model, ctx))
+        return 0

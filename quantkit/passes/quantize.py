@@ -11,7 +11,16 @@ from torch import nn
 from quantkit.formats import FORMATS, get_format
 from quantkit.nn.qlinear import QLinear, quantize_linear
 from quantkit.passes.base import Pass, register_pass
-from quantkit.targets import Targets, linear_weight, set_module  # noqa: F401  (re-exported)
+from quantkit.targets import Conv1D, Targets, linear_weight, set_module  # noqa: F401  (re-exported)
+
+
+def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | None,
+                  input_global_scale: torch.Tensor | None) -> QLinear:
+    """The one way a pass turns a linear (nn.Linear or GPT-2 Conv1D) and its [out, in] codes into a QLinear."""
+    if Conv1D and isinstance(linear, Conv1D):
+        qweight.meta["conv1d"] = True  # weight stored [in, out]: the writer and runtime must know
+    return QLinear(qweight, linear.bias, mode=mode, act_format=act_format, input_global_scale=input_global_scale,
+                   compute_dtype=linear.weight.dtype)
 
 
 @register_pass
@@ -21,12 +30,23 @@ class Quantize(Pass):
     name: ClassVar[str] = "quantize"
     summary: ClassVar[str] = "quantize target linears to a format (fake or real)"
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+    execution: ClassVar[str] = "block"
+    output_layout: ClassVar[str | None] = "compressed-tensors"
 
     format: str
     act_format: str | None = None
     mode: Literal["fake", "real"] = "real"
-    observer: Literal["minmax", "mse"] = "minmax"
+    observer: str = "minmax"  # a name in quantkit.formats.observers.OBSERVERS
     targets: Targets = Targets()
+
+    @field_validator("observer")
+    @classmethod
+    def _known_observer(cls, v: str) -> str:
+        from quantkit.formats.observers import OBSERVERS
+
+        if v not in OBSERVERS:
+            raise ValueError(f"unknown observer {v!r}; known: {', '.join(OBSERVERS)}")
+        return v
 
     @field_validator("format", "act_format")
     @classmethod
@@ -60,12 +80,28 @@ class Quantize(Pass):
                         scales[g] = shared
         return scales
 
-    def run(self, model: nn.Module, ctx) -> None:
-        names = self.targets.select(model, ctx.arch)
+    # -- the block loop ---------------------------------------------------------------------------
+    def begin(self, ctx) -> None:
+        ctx.scratch[self._key()] = {"names": self.targets.select(ctx.model, ctx.arch), "modules": 0,
+                                    "bytes_before": 0, "bytes_after": 0}
+
+    def _key(self) -> str:
+        return f"{self.name}:{id(self)}"
+
+    def run_block(self, blk, ctx) -> None:
+        self._quantize_names(blk.model, ctx, blk.select(ctx.scratch[self._key()]["names"]))
+
+    def run_rest(self, model: nn.Module, ctx) -> None:
+        prefix = ctx.arch.layers_path + "."
+        self._quantize_names(model, ctx, [n for n in ctx.scratch[self._key()]["names"] if not n.startswith(prefix)])
+
+    def _quantize_names(self, model: nn.Module, ctx, names: list[str]) -> None:
+        if not names:
+            return
+        state = ctx.scratch[self._key()]
         gscales = self._global_scales(model, ctx, names)
         act_fmt = None if self.act_format is None else get_format(self.act_format)
         amax = ctx.stats.get("act_amax", {})
-        bytes_before = bytes_after = 0
         for name in names:
             linear = model.get_submodule(name)
             if isinstance(linear, QLinear):
@@ -73,31 +109,42 @@ class Quantize(Pass):
             igs = None
             if act_fmt is not None and name in amax:
                 igs = act_fmt.activation_global_scale(amax[name].to(linear.weight.dtype))
-            if self.observer == "mse":
-                from quantkit.formats.search import mse_quantize
-
-                qw = mse_quantize(get_format(self.format), linear_weight(linear).detach().contiguous(),
-                                  global_scale=gscales.get(name))
-                q = QLinear(qw, linear.bias, mode=self.mode, act_format=self.act_format, input_global_scale=igs,
-                            compute_dtype=linear.weight.dtype)
-            else:
-                q = quantize_linear(linear, self.format, mode=self.mode, act_format=self.act_format,
-                                    global_scale=gscales.get(name), input_global_scale=igs)
-            bytes_before += linear.weight.numel() * linear.weight.element_size()
-            bytes_after += q.qweight.nbytes
+            q = self._quantized(linear, name, gscales, igs, ctx)
+            state["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
+            state["bytes_after"] += q.qweight.nbytes
+            state["modules"] += 1
             set_module(model, name, q)
-            ctx.quantized[name] = {"format": self.format, "act_format": self.act_format, "mode": self.mode}
-            if ctx.progress:
-                ctx.progress(1)
+            ctx.quantized[name] = {"format": self.format, "act_format": self.act_format, "mode": self.mode,
+                                   **self._method_info()}
+
+    def _method_info(self) -> dict:
+        return {}
+
+    def _quantized(self, linear: nn.Module, name: str, gscales: dict, igs, ctx) -> QLinear:
+        if self.observer != "minmax":
+            from quantkit.formats.observers import OBSERVERS
+
+            qw = OBSERVERS.get(self.observer)(get_format(self.format), linear_weight(linear).detach().contiguous(),
+                                              gscales.get(name))
+            return build_qlinear(linear, qw, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
+        return quantize_linear(linear, self.format, mode=self.mode, act_format=self.act_format,
+                               global_scale=gscales.get(name), input_global_scale=igs)
+
+    def finish(self, ctx) -> None:
+        state = ctx.scratch[self._key()]
         ctx.record(
             self.name,
             format=self.format,
             act_format=self.act_format,
             mode=self.mode,
-            modules=len(names),
-            weight_bytes_before=bytes_before,
-            weight_bytes_after=bytes_after,
+            modules=state["modules"],
+            weight_bytes_before=state["bytes_before"],
+            weight_bytes_after=state["bytes_after"],
+            **self._report_extra(ctx),
         )
 
+    def _report_extra(self, ctx) -> dict:
+        return {}
+
     def work_units(self, ctx) -> int:
-        return len(self.targets.select(ctx.model, ctx.arch))
+        return 0

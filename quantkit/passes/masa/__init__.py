@@ -31,6 +31,7 @@ class Masa(Pass):
     name: ClassVar[str] = "masa"
     summary: ClassVar[str] = "share q/k/v/o weights across layers via Matrix-PCA atom dictionaries"
     provides: ClassVar[frozenset[str]] = frozenset({"masa"})
+    output_layout: ClassVar[str | None] = "quantkit"
 
     roles: list[Literal["q", "k", "v", "o"]] = ["q", "k", "v", "o"]
     # reduction of all attention parameters (0.2 = 20% fewer); None when `atoms` sets the budget

@@ -1,0 +1,41 @@
+"""What every results file records: commit, exact command, package versions, machine load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("quantkit", "torch", "transformers", "compressed-tensors", "accelerate", "safetensors")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(script: str, argv: list[str]) -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--", "quantkit", "bench")),
+        "command": " ".join([Path(sys.executable).name, script, *argv]),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_start": os.getloadavg()},
+    }
+
+
+def provenance_markdown(p: dict, loadavg_end) -> list[str]:
+    return [f"Commit `{p['commit'][:12]}`{' (with uncommitted changes)' if p['uncommitted_changes'] else ''}; "
+            f"command `{p['command']}`.  ",
+            f"Machine: {p['machine']['cpus']} CPUs, load average {p['machine']['loadavg_start'][0]:.1f} at start, "
+            f"{loadavg_end[0]:.1f} at end.  ",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v) + ".", ""]

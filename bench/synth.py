@@ -1,0 +1,73 @@
+"""Deterministic random-weight checkpoints of real models' shapes, written shard by shard.
+
+Nothing is downloaded and nothing is committed: a benchmark calls `write_llama(shape, dir)` and
+gets a bf16 safetensors checkpoint (plus SmolLM2's tokenizer, so calibration text tokenizes)
+whose tensors are drawn from a generator seeded by the tensor's name. Peak memory is one
+tensor, so a 7B-shaped model is written on a machine that could not hold it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from quantkit.export.shards import ShardWriter, finalize
+
+# vocab is SmolLM2's 49152 everywhere, so its tokenizer's ids are valid (Llama-2's is 32000)
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+}
+VOCAB = 49152
+STD = 0.02
+
+
+def _gen(name: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
+    return g
+
+
+def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from quantkit.models import default_model_dir
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    dims = SHAPES[shape]
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
+                         dtype="bfloat16", **dims)
+    h, i, n = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
+    kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, h))]
+    for layer in range(n):
+        p = f"model.layers.{layer}."
+        tensors += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i))]
+    tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
+    writer = ShardWriter(out, max_shard_bytes)
+    for name, shp in tensors:
+        if name.endswith("norm.weight"):
+            t = torch.ones(shp, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shp, generator=_gen(name)) * STD).to(torch.bfloat16)
+        writer.add(name, t)
+        del t
+    shards = writer.close()
+    finalize(out, shards, writer.total_bytes)
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
+    (out / "SYNTHETIC.json").write_text(json.dumps({"shape": shape, "dims": dims, "vocab": VOCAB, "std": STD,
+                                                    "seed": "sha256(tensor name)"}, indent=2) + "\n")
+    return out

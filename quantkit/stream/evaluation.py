@@ -1,0 +1,107 @@
+"""Before/after perplexity and KL in the same stream as the passes, with no copy of the model.
+
+The held-out windows' hidden states run through each block twice: through the block as loaded
+(the reference stream, before any pass touched it) and through the finished block (the
+quantized stream). Only hidden states are held, never a second set of weights. At the end the
+model's own tail (final norm, head) turns both streams into logits, window by window: the
+perplexity of each stream and the exact mean token KL(reference || quantized) over every
+position, on text no pass has seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.stream.capture import capture, head_logits, run_block
+
+# evaluation is sized so that windows x tokens x parameters stays near SmolLM2-135M with 64
+# windows of 512 tokens; a 7B model gets a few windows instead of hours of CPU time
+EVAL_TOKEN_PARAM_BUDGET = 64 * 512 * 135e6
+MIN_EVAL_WINDOWS = 2
+
+
+def sized_windows(max_windows: int | None, seq_len: int, n_params: int) -> int | None:
+    cap = max(MIN_EVAL_WINDOWS, int(EVAL_TOKEN_PARAM_BUDGET // (seq_len * max(n_params, 1))))
+    return cap if max_windows is None else min(max_windows, cap)
+
+
+class SideBySide:
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], windows: torch.Tensor, batch_size: int,
+                 device: torch.device, kl: bool = True):
+        batches = [windows[i : i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+        cap = capture(model, blocks, batches)
+        self.model, self.blocks, self.kl = model, blocks, kl
+        self.ids, self.calls = cap.ids, cap.calls
+        self.ref = cap.hidden
+        self.q = list(cap.hidden)
+
+    def reference(self, i: int, block: nn.Module) -> None:
+        self.ref = run_block(block, self.ref, self.calls[i])
+
+    def quantized(self, i: int, block: nn.Module) -> None:
+        self.q = run_block(block, self.q, self.calls[i])
+
+    @torch.inference_mode()
+    def finish(self, progress: Callable[[int], None] | None = None) -> dict:
+        nll_ref = nll_q = kl = 0.0
+        count = tokens = 0
+        for ids, h_ref, h_q in zip(self.ids, self.ref, self.q):
+            for j in range(ids.shape[0]):  # one window at a time: two [s, V] fp32 logit tensors at most
+                one = ids[j : j + 1]
+                lr = head_logits(self.model, self.blocks, one, h_ref[j : j + 1]).float()
+                lq = head_logits(self.model, self.blocks, one, h_q[j : j + 1]).float()
+                target = one[:, 1:].reshape(-1)
+                nll_ref += F.cross_entropy(lr[:, :-1].reshape(-1, lr.shape[-1]), target, reduction="sum").item()
+                nll_q += F.cross_entropy(lq[:, :-1].reshape(-1, lq.shape[-1]), target, reduction="sum").item()
+                count += target.numel()
+                if self.kl:
+                    from quantkit.eval import kl_sum
+
+                    kl += kl_sum(lr, lq)
+                    tokens += one.numel()
+                if progress:
+                    progress(1)
+        return {"ppl_before": math.exp(nll_ref / count), "ppl_after": math.exp(nll_q / count),
+                "kl": kl / tokens if self.kl and tokens else None, "eval_tokens": count}
+
+
+class TopKReference:
+    """Compact reference for KL when the passes need the whole model: top-k log-probs per position.
+
+    KL(p || q) is computed over the reference's top-k tokens plus one bucket for the rest of the
+    vocabulary; by the data-processing inequality this never exceeds the exact KL, and equals it
+    when k is the vocabulary size.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, k: int = 1024, batch_size: int = 4):
+        self.windows, self.k, self.batch_size = windows, k, batch_size
+        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.inference_mode():
+            for ids, logp in self._logprobs(model):
+                vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                self.top.append((vals, idx))
+
+    def _logprobs(self, model: nn.Module):
+        dev = next(model.parameters()).device
+        for i in range(0, self.windows.shape[0], self.batch_size):
+            ids = self.windows[i : i + self.batch_size].to(dev)
+            yield ids, F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def kl(self, model: nn.Module) -> float:
+        total, count = 0.0, 0
+        for (ids, logq), (lp, idx) in zip(self._logprobs(model), self.top):
+            lq = logq.gather(-1, idx)
+            p = lp.exp()
+            head = (p * (lp - lq)).sum(-1)
+            p_rest = (1 - p.sum(-1)).clamp_min(0)
+            q_rest = (1 - lq.exp().sum(-1)).clamp_min(1e-30)
+            tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
+            total += float((head + tail).sum())
+            count += ids.numel()
+        return total / count

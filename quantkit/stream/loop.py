@@ -1,0 +1,87 @@
+"""The block loop every block pass runs in, whole-model or streaming.
+
+For each decoder block: onload it, let the reference evaluation see it unchanged, run each
+pass's run_block on it (passes read the block's calibration inputs: the outputs of the blocks
+before it, already quantized), propagate the calibration inputs through the finished block,
+let the evaluation see the finished block, hand it to the writer, release it.
+
+`whole` and `streaming` execution differ only in the residency (weights already in memory, or
+read from the shards at onload and dropped at release), so both write the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantkit.stream.capture import Call, capture, run_block
+from quantkit.stream.residency import WholeResidency
+
+
+@dataclass
+class BlockView:
+    """One decoder block as the passes see it."""
+
+    index: int
+    prefix: str  # e.g. "model.layers.3"
+    module: nn.Module
+    model: nn.Module
+    hidden: list[torch.Tensor] | None = None  # calibration inputs per batch, [b, s, h]
+    calls: list[Call] | None = None  # the rest of each batch's call (masks, rotary tables)
+    extra: dict = field(default_factory=dict)
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(self.prefix + ".")
+
+    def select(self, names: list[str]) -> list[str]:
+        return [n for n in names if self.owns(n)]
+
+    def forward(self) -> list[torch.Tensor]:
+        """Run the block (as it is now) on its calibration inputs; -> outputs per batch."""
+        if self.hidden is None:
+            raise RuntimeError("internal: this block has no calibration inputs (no pass asked for them)")
+        return run_block(self.module, self.hidden, self.calls)
+
+
+def block_prefixes(ctx) -> list[str]:
+    return [f"{ctx.arch.layers_path}.{i}" for i in range(ctx.arch.num_layers)]
+
+
+def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[int], None] | None = None) -> None:
+    """Run block passes over every decoder block, in order, once."""
+    model, arch = ctx.model, ctx.arch
+    residency = getattr(ctx, "residency", None) or WholeResidency(model)
+    blocks = list(arch.layers(model))
+    prefixes = block_prefixes(ctx)
+    for i, p in enumerate(passes):
+        ctx.needed = set().union(*(q.requirements() for q in passes[i + 1:])) | getattr(ctx, "needed_later", set())
+        p.begin(ctx)
+    ctx.needed = set()
+    need_inputs = any(p.needs_inputs(ctx) for p in passes)
+    captured = capture(model, blocks, ctx.calib_batches()) if need_inputs else None
+    hidden = captured.hidden if captured else None
+    device = ctx.device
+    for i, (prefix, block) in enumerate(zip(prefixes, blocks)):
+        residency.onload(prefix)
+        if evaluation is not None:
+            evaluation.reference(i, block)
+        blk = BlockView(i, prefix, block, model, hidden, captured.calls[i] if captured else None)
+        for p in passes:
+            ctx.progress = None
+            p.run_block(blk, ctx)
+        if captured is not None and i + 1 < len(blocks):
+            hidden = [h.to(device) for h in blk.forward()]
+        if evaluation is not None:
+            evaluation.quantized(i, block)
+        if writer is not None:
+            writer.add_block(prefix, block)
+        residency.release(prefix)
+        if progress:
+            progress(1)
+    for p in passes:
+        p.run_rest(model, ctx)
+        p.finish(ctx)
+        ctx.provided |= set(p.provided_facts())

@@ -1,0 +1,117 @@
+"""Decisions taken before any weight loads: execution mode, where the shards are, stages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from quantkit.errors import ModelLoadError, RecipeError
+
+EXECUTIONS = ("auto", "whole", "streaming")
+# auto streams when the checkpoint would take more than this share of the available memory
+AUTO_STREAM_SHARE = 0.4
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def stages(passes) -> list[list]:
+    """Consecutive block passes share one block loop; a whole-model pass is a stage of its own."""
+    out: list[list] = []
+    for p in passes:
+        if p.execution == "block" and out and out[-1][0].execution == "block":
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def model_passes(passes) -> list:
+    return [p for p in passes if p.execution != "block"]
+
+
+def check_streamable(passes, where: str = "recipe") -> None:
+    whole_only = model_passes(passes)
+    if whole_only:
+        raise RecipeError(
+            f"{where}: pass {whole_only[0].name!r} needs the whole model in memory; it cannot run with "
+            "execution: streaming (use --execution whole)"
+        )
+
+
+def gguf_shards_dir(path: Path) -> Path:
+    """A GGUF file converted once to a safetensors checkpoint in the cache (keyed by path, size, mtime)."""
+    import torch
+
+    from quantkit.io import atomic_dir, file_lock
+    from quantkit.models import _load_gguf
+    from quantkit.paths import cache_dir
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    with file_lock(cache_dir() / "models" / f".{key}.lock"):
+        if (target / "config.json").exists():
+            return target
+        model, tok = _load_gguf(path, torch.bfloat16)
+        with atomic_dir(target, force=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    return target
+
+
+def local_model_dir(spec: str) -> Path:
+    """The directory of safetensors shards behind a model spec (alias, dir, .gguf, hub id in the cache)."""
+    from quantkit.models import resolve_model_path
+
+    target = resolve_model_path(spec)
+    if target.endswith(".gguf"):
+        return gguf_shards_dir(Path(target))
+    if Path(target).exists():
+        return Path(target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        return Path(snapshot_download(target, local_files_only=offline,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001  (hub errors come in many types; one line for the user)
+        raise ModelLoadError(
+            f"model {spec!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"(offline?); download it first with `hf download {spec}` or pass a local directory"
+        ) from e
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def choose_execution(requested: str, passes, model_dir: Path | None) -> tuple[str, str]:
+    """-> (execution, why)."""
+    if requested not in EXECUTIONS:
+        raise RecipeError(f"execution must be one of {', '.join(EXECUTIONS)} (got {requested!r})")
+    if requested == "streaming":
+        check_streamable(passes)
+        return "streaming", "requested"
+    if requested == "whole":
+        return "whole", "requested"
+    if model_passes(passes):
+        return "whole", f"pass {model_passes(passes)[0].name!r} needs the whole model"
+    if model_dir is None:
+        return "whole", "no safetensors checkpoint to stream from"
+    size, avail = checkpoint_bytes(model_dir), available_memory()
+    if size > AUTO_STREAM_SHARE * avail:
+        return "streaming", f"checkpoint {size / 1e9:.1f} GB > {AUTO_STREAM_SHARE:.0%} of {avail / 1e9:.1f} GB available"
+    return "whole", f"checkpoint {size / 1e9:.2f} GB fits in {avail / 1e9:.1f} GB available"
