@@ -42,6 +42,7 @@ def apply(
     max_ppl_increase: Annotated[Optional[float], typer.Option("--max-ppl-increase", help="fail (exit 1) if perplexity rises more than PCT percent")] = None,
     max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="fail (exit 1) if mean token KL exceeds X")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip perplexity/KL evaluation")] = False,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="checkpoint layout: auto (what the passes need) or bnb-int8 (bitsandbytes LLM.int8, with the llm-int8 recipe); sets the recipe's output.layout")] = None,
 ) -> None:
     """Quantize MODEL with RECIPE and write a checkpoint plus report."""
     with error_boundary(as_json) as result:
@@ -51,9 +52,15 @@ def apply(
         overrides = list(set_ or [])
         if no_eval:
             overrides.append("eval.enabled=false")
+        if layout is not None:
+            overrides.append(f"output.layout={layout}")
         rec = load_recipe(recipe, overrides)
         if output is None:
             output = Path("out") / f"{Path(model).name}-{rec.name}"
+        if rec.output.layout == "bnb-int8" and rec.output.save:
+            result.report = _apply_bnb(rec, model, output, force, device, dtype, trust_remote_code,
+                                       max_ppl_increase, max_kl)
+            return
         progress, factory = make_progress()
         with progress:
             report = api.apply(rec, model, output=output, force=force, device=device, dtype=dtype,
@@ -61,6 +68,38 @@ def apply(
                                max_kl=max_kl, progress=factory)
         _print_summary(report)
         result.report = report.to_dict()
+
+
+def _apply_bnb(rec, model: str, output: Path, force: bool, device: str, dtype: str, trust_remote_code: bool,
+               max_ppl_increase: float | None, max_kl: float | None) -> dict:
+    """output.layout bnb-int8: the passes run as for any recipe (no save), then the bitsandbytes
+    checkpoint is written from the model in memory."""
+    from quantkit import api
+    from quantkit.export.bnb import check_bnb_plan, write_bnb_output
+    from quantkit.io import check_output
+
+    check_bnb_plan(rec.passes)  # before any weight loads
+    check_output(output, force)
+    progress, factory = make_progress()
+    with progress:
+        report = api.apply(rec, model, output=None, force=force, device=device, dtype=dtype,
+                           trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
+                           max_kl=max_kl, progress=factory)
+        with factory("save checkpoint (bnb-int8)", 0):
+            write_bnb_output(report, report.model_obj, _tokenizer(model, trust_remote_code), rec, output, force)
+    _print_summary(report)
+    return report.to_dict()
+
+
+def _tokenizer(spec: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from quantkit.models import resolve_model_path
+
+    target = resolve_model_path(spec)
+    if target.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(Path(target).parent, gguf_file=Path(target).name)
+    return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
 
 
 def _print_summary(report) -> None:

@@ -248,3 +248,33 @@ def test_sensitivity_json_has_the_same_envelope_for_one_or_several_formats(forma
     results = envelope(result)["report"]["results"]
     assert [r["format"] for r in results] == formats.split(",")
     assert "most sensitive" in result.stderr  # the tables go to stderr, stdout is the JSON alone
+
+
+# --- output.layout bnb-int8 ---
+
+
+def test_layout_bnb_int8_writes_a_checkpoint_bitsandbytes_loads(tmp_path, tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = run("apply", "llm-int8", tiny_llama_dir, "-o", out, *FAST, "--layout", "bnb-int8", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert envelope(result)["report"]["details"]["layout"] == "bnb-int8"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "bitsandbytes" and qcfg["load_in_8bit"] and qcfg["llm_int8_threshold"] == 6.0
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # BitsAndBytesConfig from config.json
+    assert type(loaded.get_submodule("model.layers.0.self_attn.q_proj")).__name__ == "Linear8bitLt"
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        got, want = loaded(ids).logits.float(), ref(ids).logits.float()
+    assert torch.isfinite(got).all()
+    assert (got - want).norm() / want.norm() < 0.05  # int8 weights: close to the original
+
+
+def test_layout_bnb_int8_refuses_other_passes_before_loading(tmp_path):
+    line = one_line_error(run("apply", "int8-w8a8", "no-such-org/no-such-model", "-o", tmp_path / "out",
+                              "--layout", "bnb-int8"))
+    assert line == "error: output.layout bnb-int8 holds only LLM.int8 (the llm_int8 pass); this recipe also runs quantize"

@@ -87,3 +87,52 @@ def export_bnb_int8(model: nn.Module, out_dir: str | Path) -> Path:
         model.generation_config.save_pretrained(out)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+# --- `output.layout: bnb-int8` (recipe) / `quantkit apply --layout bnb-int8` (CLI) ---
+
+BNB_LAYOUT = "bnb-int8"
+_BNB_PASSES = {"calibrate", "llm_int8"}  # passes whose result bitsandbytes' 8-bit layout can hold
+
+
+def check_bnb_plan(passes) -> None:
+    """Before any weight loads: can these passes produce a bitsandbytes LLM.int8 checkpoint?"""
+    names = [p.name for p in passes]
+    others = [n for n in names if n not in _BNB_PASSES]
+    if others:
+        raise FormatError(f"output.layout {BNB_LAYOUT} holds only LLM.int8 (the llm_int8 pass); "
+                          f"this recipe also runs {', '.join(others)}")
+    int8 = [p for p in passes if p.name == "llm_int8"]
+    if not int8:
+        raise FormatError(f"output.layout {BNB_LAYOUT} needs an llm_int8 pass (see recipe llm-int8)")
+    for p in int8:
+        if getattr(p, "outliers", "dynamic") != "dynamic":
+            raise FormatError(f"output.layout {BNB_LAYOUT} needs llm_int8 outliers: dynamic (bitsandbytes finds "
+                              "outlier columns at run time); static outlier weights have no bitsandbytes field")
+
+
+def save_bnb_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """The whole bitsandbytes checkpoint: config.json, model.safetensors, tokenizer files."""
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise FormatError(f"the {BNB_LAYOUT} layout is written from the whole model in memory; run with "
+                          "execution: whole")
+    out = export_bnb_int8(model, out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def write_bnb_output(report, model: nn.Module, tokenizer, recipe, output: str | Path, force: bool) -> None:
+    """Checkpoint + recipe + reports into `output`, atomically (as api.apply's save block does)."""
+    from quantkit.io import atomic_dir, atomic_write_text
+    from quantkit.report import write_report_html
+
+    with atomic_dir(Path(output), force=force) as tmp:
+        save_bnb_checkpoint(model, tokenizer, tmp)
+        atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
+        report.output = str(output)
+        report.details["layout"] = BNB_LAYOUT
+        report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        write_report_html(report, tmp / "report.html", model=model)
+        atomic_write_text(tmp / "report.json", report.to_json())
+        atomic_write_text(tmp / "report.md", report.to_markdown())
