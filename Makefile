@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/quantkit apply recipes/int8-w8a8.yaml smollm2-135m -o out/smollm2-135m-int8-w8a8 --force
+	$(VENV)/bin/quantkit apply int8-w8a8 smollm2-135m -o out/smollm2-135m-int8-w8a8 --force
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
