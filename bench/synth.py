@@ -2,7 +2,7 @@
 
 Nothing is downloaded and nothing is committed: a benchmark calls `write_llama(shape, dir)` and
 gets a bf16 safetensors checkpoint (plus SmolLM2's tokenizer, so calibration text tokenizes)
-whose tensors are drawn from a generator seeded by the tensor's name. Peak memory is one
+whose tensors are windows of one seeded pool of normal draws, at offsets drawn from the names. Peak memory is one
 tensor, so a 7B-shaped model is written on a machine that could not hold it.
 """
 
@@ -27,10 +27,25 @@ VOCAB = 49152
 STD = 0.02
 
 
-def _gen(name: str) -> torch.Generator:
+POOL = (1 << 24) + 17  # one seeded pool of normal draws; tensors are name-offset windows of it
+
+
+def _pool() -> torch.Tensor:
     g = torch.Generator()
-    g.manual_seed(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
-    return g
+    g.manual_seed(0)
+    return (torch.randn(POOL, generator=g) * STD).to(torch.bfloat16)
+
+
+def _tensor(pool: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A window of the pool starting at an offset drawn from the name (drawing 7B fresh normals would
+    take an hour on two busy cores; a window copy runs at memory speed)."""
+    n = 1
+    for d in shape:
+        n *= d
+    start = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % POOL
+    reps = -(-(start + n) // POOL)
+    flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
+    return flat.reshape(shape).clone()
 
 
 def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Path:
@@ -57,11 +72,12 @@ def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Pa
                     (p + "mlp.down_proj.weight", (h, i))]
     tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
     writer = ShardWriter(out, max_shard_bytes)
+    pool = _pool()
     for name, shp in tensors:
         if name.endswith("norm.weight"):
             t = torch.ones(shp, dtype=torch.bfloat16)
         else:
-            t = (torch.randn(shp, generator=_gen(name)) * STD).to(torch.bfloat16)
+            t = _tensor(pool, name, shp)
         writer.add(name, t)
         del t
     shards = writer.close()
@@ -69,5 +85,5 @@ def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Pa
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
     (out / "SYNTHETIC.json").write_text(json.dumps({"shape": shape, "dims": dims, "vocab": VOCAB, "std": STD,
-                                                    "seed": "sha256(tensor name)"}, indent=2) + "\n")
+                                                    "weights": "windows of one seeded normal pool at sha256(name) offsets"}, indent=2) + "\n")
     return out

@@ -11,7 +11,7 @@ from torch import nn
 
 from quantkit.arch import arch_info
 from quantkit.context import Context
-from quantkit.errors import CalibrationError, QualityGateError, QuantkitError
+from quantkit.errors import CalibrationError, QualityGateError, QuantkitError, RecipeError
 from quantkit.eval import eval_windows, mean_kl, perplexity
 from quantkit.io import atomic_dir, atomic_write_text, check_output
 from quantkit.models import load_model, resolve_device
@@ -19,6 +19,7 @@ from quantkit.nn.qlinear import QLinear
 from quantkit.export.shards import DEFAULT_MAX_SHARD
 from quantkit.pipeline import ProgressFactory, null_progress, run_passes
 from quantkit.recipe import Recipe
+from quantkit.stream import distributed
 from quantkit.report import Report, write_report_html
 
 
@@ -89,7 +90,7 @@ def apply(
 
     started = time.perf_counter()
     saving = output is not None and recipe.output.save
-    if saving:
+    if saving and distributed.world()[0] == 0:
         check_output(Path(output), force)
     # decided before any weight loads: the layout the passes produce, and how they run
     layout = layout_for(recipe.passes) if saving else None
@@ -103,13 +104,23 @@ def apply(
             if requested == "streaming":
                 raise
     mode, why = plan.choose_execution(requested, recipe.passes, model_dir)
+    rank, world = distributed.world()
+    if world > 1:
+        distributed.check_data_free(recipe.passes)
+        if model_dir is None:
+            model_dir = plan.local_model_dir(model_spec)
+        mode, why = "streaming", f"torch.distributed: {world} processes, blocks split by rank"
+        if max_ppl_increase is not None or max_kl is not None:
+            raise RecipeError("quality gates need the evaluation, which multi-process runs skip")
     report = Report(model=model_spec, recipe=recipe.name, output=None if output is None else str(output))
     report.details["execution"] = {"mode": mode, "why": why}
     seconds = report.seconds
-    do_eval = recipe.eval.enabled or max_ppl_increase is not None or max_kl is not None
+    do_eval = (recipe.eval.enabled or max_ppl_increase is not None or max_kl is not None) and world == 1
 
     t = time.perf_counter()
     dev = resolve_device(device)
+    if world > 1:
+        distributed.init(dev)
     with progress(f"load model ({mode})", 0):
         model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code)
     seconds["load"] = time.perf_counter() - t
@@ -126,13 +137,15 @@ def apply(
     stage_list = plan.stages(recipe.passes)
     one_loop = len(stage_list) == 1 and stage_list[0][0].execution == "block"
 
-    out_ctx = atomic_dir(Path(output), force=force) if saving else nullcontext(None)
+    out_ctx = atomic_dir(Path(output), force=force) if saving and rank == 0 else nullcontext(None)
     with out_ctx as tmp:
         writer = None
         if saving:
             from quantkit.export.writer import CheckpointWriter
 
-            writer = CheckpointWriter(tmp, layout, max_shard)
+            if world > 1:
+                tmp = distributed.broadcast(tmp)  # every rank writes its shards into rank 0's temporary dir
+            writer = CheckpointWriter(tmp, layout, max_shard, shard_tag=f"-r{rank}" if world > 1 else "")
         evaluation = None
         if do_eval and one_loop:
             evaluation = _side_by_side(model, tokenizer, arch, recipe, dev, report, progress)
@@ -143,7 +156,9 @@ def apply(
             seconds["eval_before"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        report.passes = run_passes(stage_list, ctx, progress, writer=writer if one_loop else None, evaluation=evaluation)
+        only = distributed.my_blocks(arch.num_layers) if world > 1 else None
+        report.passes = run_passes(stage_list, ctx, progress, writer=writer if one_loop else None, evaluation=evaluation,
+                                   only=only)
         seconds["passes"] = time.perf_counter() - t
         report.details.update(ctx.report)
         report.model_bytes_after = writer.shards.total_bytes if (residency.streaming and writer) else (
@@ -170,8 +185,16 @@ def apply(
                     prefixes = [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)]
                     for prefix in prefixes:
                         writer.add_block(prefix, model.get_submodule(prefix))
-                writer.add_rest(model, [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)])
-                writer.finish(model, tokenizer)
+                if rank == 0:
+                    writer.add_rest(model, [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)])
+                if world > 1:
+                    parts = distributed.gather((writer.close_shards(), writer.schemes, writer.ignore, writer.modules))
+                    if rank != 0:
+                        return report  # rank 0 names the shards and writes the config
+                    writer.merge([p[1:] for p in parts[1:]])
+                    writer.finish(model, tokenizer, shard_lists=[p[0] for p in parts])
+                else:
+                    writer.finish(model, tokenizer)
                 report.details["layout"] = layout
                 atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
                 report.checkpoint_bytes = dir_bytes(tmp)

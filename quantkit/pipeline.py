@@ -22,7 +22,7 @@ def null_progress(_description: str, _total: int) -> AbstractContextManager:
 
 
 def run_passes(stage_list: list[list], ctx: Context, progress: ProgressFactory = null_progress, *,
-               writer=None, evaluation=None) -> list[dict]:
+               writer=None, evaluation=None, only: range | None = None) -> list[dict]:
     """Run each stage in order; -> one timing row per pass. writer/evaluation ride the (single) block loop."""
     from quantkit.stream.loop import run_stage
 
@@ -34,7 +34,7 @@ def run_passes(stage_list: list[list], ctx: Context, progress: ProgressFactory =
         start = time.perf_counter()
         if stage[0].execution == "block":
             with progress(f"{names}: blocks", ctx.arch.num_layers) as advance:
-                run_stage(stage, ctx, writer=writer, evaluation=evaluation, progress=advance)
+                run_stage(stage, ctx, writer=writer, evaluation=evaluation, progress=advance, only=only)
         else:
             p = stage[0]
             ctx.needed = ctx.needed_later

@@ -115,6 +115,13 @@ class CheckpointWriter:
                            if v is not None and k not in mod._non_persistent_buffers_set})
             self._write(direct, skip)
 
+    def merge(self, others: list[tuple[dict, list, dict]]) -> None:
+        """Config entries written by other ranks' writers: (schemes, ignore, modules) each."""
+        for schemes, ignore, modules in others:
+            self.schemes.update(schemes)
+            self.ignore.extend(ignore)
+            self.modules.update(modules)
+
     # -- the end ---------------------------------------------------------------------------------
     def close_shards(self) -> list[tuple[str, dict]]:
         return self.shards.close()
@@ -125,6 +132,11 @@ class CheckpointWriter:
         flat = [s for lst in shards for s in lst]
         total = sum(e["data_offsets"][1] - e["data_offsets"][0] for _, h in flat for e in h.values())
         finalize(self.dir, flat, total)
+        # config entries in the model's module order, however the blocks were split across writers
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        self.schemes = dict(sorted(self.schemes.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self.ignore = sorted(self.ignore, key=lambda n: order.get(n, len(order)))
+        self.modules = dict(sorted(self.modules.items(), key=lambda kv: order.get(kv[0], len(order))))
         config = model.config.to_dict()
         qc: dict = {}
         if self.layout == "compressed-tensors":

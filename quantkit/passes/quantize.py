@@ -14,6 +14,14 @@ from quantkit.passes.base import Pass, register_pass
 from quantkit.targets import Conv1D, Targets, linear_weight, set_module  # noqa: F401  (re-exported)
 
 
+@torch.inference_mode()
+def _relative_error(linear: nn.Module, q: QLinear) -> float:
+    """||W - deq(Q(W))||_F / ||W||_F in fp32, while both are in memory (report.html's chart)."""
+    w = linear_weight(linear).float()
+    norm = w.norm()
+    return float((w - q.dequantized_weight(torch.float32)).norm() / norm) if norm > 0 else 0.0
+
+
 def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | None,
                   input_global_scale: torch.Tensor | None) -> QLinear:
     """The one way a pass turns a linear (nn.Linear or GPT-2 Conv1D) and its [out, in] codes into a QLinear."""
@@ -113,6 +121,7 @@ class Quantize(Pass):
             state["bytes_before"] += linear.weight.numel() * linear.weight.element_size()
             state["bytes_after"] += q.qweight.nbytes
             state["modules"] += 1
+            ctx.report.setdefault("layer_weight_error", {})[name] = _relative_error(linear, q)
             set_module(model, name, q)
             ctx.quantized[name] = {"format": self.format, "act_format": self.act_format, "mode": self.mode,
                                    **self._method_info()}

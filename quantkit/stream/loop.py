@@ -50,8 +50,9 @@ def block_prefixes(ctx) -> list[str]:
     return [f"{ctx.arch.layers_path}.{i}" for i in range(ctx.arch.num_layers)]
 
 
-def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[int], None] | None = None) -> None:
-    """Run block passes over every decoder block, in order, once."""
+def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[int], None] | None = None,
+              only: range | None = None) -> None:
+    """Run block passes over every decoder block (or the blocks in `only`: a rank's share), in order, once."""
     model, arch = ctx.model, ctx.arch
     residency = getattr(ctx, "residency", None) or WholeResidency(model)
     blocks = list(arch.layers(model))
@@ -65,6 +66,8 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
     hidden = captured.hidden if captured else None
     device = ctx.device
     for i, (prefix, block) in enumerate(zip(prefixes, blocks)):
+        if only is not None and i not in only:
+            continue
         residency.onload(prefix)
         if evaluation is not None:
             evaluation.reference(i, block)
@@ -82,6 +85,7 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
         if progress:
             progress(1)
     for p in passes:
-        p.run_rest(model, ctx)
+        if only is None or 0 in only:  # targets outside the blocks belong to the first rank
+            p.run_rest(model, ctx)
         p.finish(ctx)
         ctx.provided |= set(p.provided_facts())
