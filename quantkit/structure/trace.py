@@ -85,7 +85,12 @@ def capture_block_inputs(model: nn.Module, blocks_path: str, vocab_size: int) ->
     ids = (torch.arange(TRACE_TOKENS, device=device) % max(vocab_size, 1))[None]  # [1, T]
     try:
         with _standins(model, blocks_path) as stood_in:
-            model(input_ids=ids, use_cache=False)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except TypeError as exc:  # a forward without a use_cache argument
+                if "use_cache" not in str(exc):
+                    raise
+                model(input_ids=ids)
     except _Stop:
         pass
     except Exception as exc:  # noqa: BLE001 - any failure here means the structure is unknown
