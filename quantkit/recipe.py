@@ -46,9 +46,6 @@ class OutputConfig(BaseModel):
     # auto: the layout the passes need (compressed-tensors, or quantkit's own); bnb-int8: the
     # bitsandbytes LLM.int8 checkpoint (llm_int8 pass, outliers: dynamic; quantkit/export/bnb.py)
     layout: Literal["auto", "bnb-int8"] = "auto"
-    # auto: the layout the passes need (compressed-tensors, or quantkit's own); bnb-int8: the
-    # bitsandbytes LLM.int8 checkpoint (llm_int8 pass, outliers: dynamic; quantkit/export/bnb.py)
-    layout: Literal["auto", "bnb-int8"] = "auto"
     max_shard_size: str = "5GB"  # shards are flushed at this size, as transformers does
 
 
