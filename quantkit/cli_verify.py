@@ -48,12 +48,16 @@ def _print(result) -> None:
                       highlight=False, soft_wrap=True)
     tp = result.info.get("tensor_parallel")
     if tp:
-        console.print(f"largest tensor-parallel degree: {tp['max_degree']} (limited by {tp['limited_by'][0]})",
+        limit = f" (limited by {tp['limited_by'][0]})" if tp["limited_by"] else ""
+        console.print(f"largest tensor-parallel degree: {tp['max_degree']}{limit}; all supported: {tp['degrees']}",
                       highlight=False, markup=False)
     run = result.info.get("run")
     if run and "runtime_rel_max_diff" in run:
-        console.print(f"quantkit runtime vs transformers: max logit difference {run['runtime_rel_max_diff']:.3g} "
-                      f"of the largest logit (tolerance {run['runtime_tolerance']})", highlight=False, markup=False)
+        tol = ", ".join(f"{k} <= {v}" for k, v in run["runtime_tolerance"].items())
+        console.print(f"quantkit runtime vs transformers on {run['tokens']} tokens: max logit difference "
+                      f"{run['runtime_rel_max_diff']:.3g} of the largest logit, mean token KL {run['runtime_kl']:.3g}, "
+                      f"top-1 agreement {run['runtime_top1_agreement']:.3f} (tolerance {tol})",
+                      highlight=False, markup=False)
     src = result.info.get("source")
     if src:
         console.print(f"vs source: median relative error {src['median_rel_err']:.4g}, max {src['max_rel_err']:.4g} "

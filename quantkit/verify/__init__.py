@@ -49,7 +49,10 @@ def verify_checkpoint(
     if cheap:
         return result
     if run:
-        check_runs(ckpt, result)
+        dynamic_int = plan is not None and any(
+            s.acts is not None and s.acts.get("type") == "int" and s.acts.get("dynamic") is True
+            for s in plan.schemes.values())
+        check_runs(ckpt, result, dynamic_int_acts=dynamic_int)
     if source is not None and plan is not None:
         check_source(ckpt, result, plan, source)
     return result

@@ -16,7 +16,7 @@ from quantkit.verify.checkpoint import Checkpoint
 from quantkit.verify.config_checks import Plan
 from quantkit.verify.result import VerifyResult
 
-TP_DEGREES = (1, 2, 4, 8, 16, 32, 64)
+MAX_TP = 64  # degrees 1..MAX_TP are tried; heads (e.g. SmolLM2's 9) often allow 3 but not 2
 ROWWISE_NAMES = ("o_proj", "down_proj", "out_proj", "fc2", "c_proj", "w2", "dense", "dense_4h_to_h")
 
 
@@ -32,7 +32,7 @@ def _split(ckpt: Checkpoint, name: str) -> str:
 def _heads(ckpt: Checkpoint, leaf: str) -> int | None:
     cfg = ckpt.text_config()
     heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-    if leaf == "q_proj":
+    if leaf in ("q_proj", "o_proj", "out_proj"):  # o_proj's input is split along the query heads
         return heads
     if leaf in ("k_proj", "v_proj"):
         return cfg.get("num_key_value_heads") or heads
@@ -71,27 +71,31 @@ def check_shapes(ckpt: Checkpoint, result: VerifyResult, plan: Plan) -> None:
             continue
         split, leaf = _split(ckpt, name), name.rpartition(".")[2]
         heads = _heads(ckpt, leaf)
-        best = 1
-        for t in TP_DEGREES:
+        ok_degrees = set()
+        for t in range(1, MAX_TP + 1):
             if split == "colwise":
                 ok = out % t == 0
                 if heads and leaf == "q_proj":
                     ok = ok and heads % t == 0
                 elif heads and leaf in ("k_proj", "v_proj"):
-                    ok = heads % t == 0 or t % heads == 0  # replicated beyond the kv head count
+                    ok = heads % t == 0 or t % heads == 0  # k/v heads are replicated beyond their count
             else:
                 shard = inp // t if inp % t == 0 else 0
                 ok = shard > 0 and (not group or shard % group == 0) and shard % pack == 0
+                if heads:
+                    ok = ok and heads % t == 0
             if ok:
-                best = t
-            else:
-                break
-        per_layer[name] = best
+                ok_degrees.add(t)
+        per_layer[name] = ok_degrees
     if per_layer:
-        overall = min(per_layer.values())
-        limiting = sorted(n for n, t in per_layer.items() if t == overall)
-        result.info["tensor_parallel"] = {"max_degree": overall, "limited_by": limiting[:8],
-                                          "per_layer": per_layer}
+        common = set.intersection(*per_layer.values())
+        overall = max(common)
+        # the layers that rule out the next larger degree any layer allows
+        larger = sorted(t for t in set.union(*per_layer.values()) if t > overall)
+        limiting = sorted(n for n, d in per_layer.items() if larger and larger[0] not in d)
+        result.info["tensor_parallel"] = {"max_degree": overall, "degrees": sorted(common),
+                                          "limited_by": limiting[:8],
+                                          "per_layer": {n: max(d) for n, d in per_layer.items()}}
         if overall < 2:
-            result.warn("shapes.tp", f"{limiting[0]} (and {len(limiting) - 1} more) supports no tensor parallelism "
-                        "beyond 1")
+            result.warn("shapes.tp", f"the checkpoint supports no tensor parallelism beyond 1 (limited by "
+                        f"{limiting[0] if limiting else 'every layer'})")

@@ -217,3 +217,13 @@ def test_bad_input_raises_verify_input_error(tmp_path, setup, message):
     setup(p)
     with pytest.raises(VerifyInputError, match=message):
         verify_checkpoint(p)
+
+
+def test_tensor_parallel_degrees_follow_heads_and_groups(tmp_path):
+    # tiny Llama: 4 heads, 2 kv heads, hidden 64, intermediate 128
+    _, r = _errors(write_ct(tmp_path / "int8", "int8"))
+    assert r.info["tensor_parallel"]["degrees"] == [1, 2, 4]  # 4 query heads
+    _, r = _errors(write_ct(tmp_path / "mx", "mxfp4"))
+    tp = r.info["tensor_parallel"]
+    assert tp["degrees"] == [1, 2]  # o_proj's 64 inputs hold two 32-element groups
+    assert tp["limited_by"] == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
