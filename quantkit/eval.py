@@ -89,8 +89,7 @@ def perplexity(
     windows = eval_windows(model, tokenizer, source=text_source, seq_len=seq_len, max_windows=max_windows)
     nll, count = 0.0, 0
     for ids, logits in _batched_logits(model, windows, batch_size):
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
+        nll += nll_sum(logits, ids)
         count += ids[:, 1:].numel()
         if progress:
             progress(ids.shape[0])
@@ -114,6 +113,12 @@ def mean_kl(
         if progress:
             progress(ids.shape[0])
     return total / count
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Sum over positions of the next-token negative log-likelihood (logits [b, s, V], ids [b, s])."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                           reduction="sum").item()
 
 
 def kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:

@@ -21,9 +21,9 @@ from tests.tiny_models import tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "opt"]
 SMALL = ["calib.n_samples=2", "calib.seq_len=32", "calib.batch_size=2", "eval.enabled=false"]
-# recipes whose passes all run in the block loop (masa and quantvla need the whole model)
+# recipes whose passes all run in the block loop (MASA and DiT-scope QuantVLA need the whole model)
 STREAMING_RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml")
-                           if not p.stem.startswith(("masa", "quantvla")))
+                           if all(q.execution == "block" for q in load_recipe(p).passes))
 
 
 def _checkpoint_files(path: Path) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.eval import kl_sum, nll_sum
 from quantkit.stream.capture import capture, head_logits, run_block
 
 # evaluation is sized so that windows x tokens x parameters stays near SmolLM2-135M with 64
@@ -55,13 +56,10 @@ class SideBySide:
                 one = ids[j : j + 1]
                 lr = head_logits(self.model, self.blocks, one, h_ref[j : j + 1]).float()
                 lq = head_logits(self.model, self.blocks, one, h_q[j : j + 1]).float()
-                target = one[:, 1:].reshape(-1)
-                nll_ref += F.cross_entropy(lr[:, :-1].reshape(-1, lr.shape[-1]), target, reduction="sum").item()
-                nll_q += F.cross_entropy(lq[:, :-1].reshape(-1, lq.shape[-1]), target, reduction="sum").item()
-                count += target.numel()
+                nll_ref += nll_sum(lr, one)
+                nll_q += nll_sum(lq, one)
+                count += one[:, 1:].numel()
                 if self.kl:
-                    from quantkit.eval import kl_sum
-
                     kl += kl_sum(lr, lq)
                     tokens += one.numel()
                 if progress:

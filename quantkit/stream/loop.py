@@ -11,6 +11,7 @@ read from the shards at onload and dropped at release), so both write the same b
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
     captured = capture(model, blocks, ctx.calib_batches()) if need_inputs else None
     hidden = captured.hidden if captured else None
     device = ctx.device
+    keep_original = any(p.needs_teacher for p in passes)
     for i, (prefix, block) in enumerate(zip(prefixes, blocks)):
         if only is not None and i not in only:
             continue
@@ -72,6 +74,8 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
         if evaluation is not None:
             evaluation.reference(i, block)
         blk = BlockView(i, prefix, block, model, hidden, captured.calls[i] if captured else None)
+        if keep_original:  # the block as loaded, for passes that compare against it (one block, not a model)
+            blk.extra["original"] = copy.deepcopy(block).eval()
         for p in passes:
             ctx.progress = None
             p.run_block(blk, ctx)

@@ -10,6 +10,8 @@ Specs: /work/shared/specs/algorithms.md §4; decisions: docs/quantvla.md.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
@@ -21,6 +23,7 @@ from torch import nn
 from quantkit.passes.quantvla.attn_capture import AttnSite, StatMean, capture_logit_std, capture_output_rms, run_batches
 from quantkit.errors import CalibrationError, QuantkitError
 from quantkit.passes.base import Pass, register_pass
+from quantkit.stream.capture import run_block
 from quantkit.passes.quantvla.ratios import (
     DIT_PATTERNS,
     apply_alpha,
@@ -156,6 +159,45 @@ class _QuantVLAPass(Pass):
     dit_patterns: list[str] = Field(default_factory=lambda: list(DIT_PATTERNS))
     fold: bool = True  # False: runtime forward hooks (analysis only; not saved in checkpoints)
 
+    @property
+    def execution(self) -> str:  # decoder attention runs per block; a VLA's DiT needs the whole model
+        return "block" if self.scope == "llm" else "model"
+
+    # -- the block loop (scope llm): the teacher is block i as loaded, on the same inputs -----------
+    def begin(self, ctx) -> None:
+        ctx.scratch.setdefault(STATS_KEY, {"teacher_std": {}, "teacher_rms": {}, "heads": {}})
+        ctx.scratch.setdefault(self.name, {"sites": 0, "rows": {}})
+
+    def needs_inputs(self, ctx) -> bool:
+        return True
+
+    def _block_sites(self, blk) -> list[AttnSite]:
+        try:
+            local = select_sites(blk.module, "llm", (), (), self.dit_patterns)
+        except QuantkitError:
+            return []
+        full = lambda s: f"{blk.prefix}.{s.name}"  # noqa: E731
+        return [s for s in local if (not self.include or any(fnmatchcase(full(s), p) for p in self.include))
+                and not any(fnmatchcase(full(s), p) for p in self.exclude)]
+
+    def _block_teacher(self, blk, ctx, sites) -> dict:
+        cache = ctx.scratch[STATS_KEY]
+        key = blk.prefix
+        if key not in cache["teacher_std"]:
+            teacher = blk.extra["original"]
+            std_t, heads, rms_t = measure(teacher, sites, lambda: run_block(teacher, blk.hidden, blk.calls))
+            cache["teacher_std"][key], cache["teacher_rms"][key], cache["heads"][key] = std_t, rms_t, heads
+        return cache
+
+    def _student(self, blk, sites, logits: bool = True):
+        return measure(blk.module, sites, lambda: run_block(blk.module, blk.hidden, blk.calls), logits=logits)
+
+    def finish(self, ctx) -> None:
+        if self.execution == "block" and not ctx.scratch[self.name]["sites"]:
+            raise QuantkitError(f"QuantVLA scope {self.scope!r} matched no attention modules")
+        if self.execution == "block":
+            self._record(ctx, ctx.scratch[self.name]["rows"])
+
     def _setup(self, model: nn.Module, ctx) -> tuple[list[AttnSite], list, dict]:
         if ctx.teacher is None:
             raise CalibrationError(f"{self.name} needs the unquantized teacher; the pipeline did not keep one")
@@ -191,7 +233,36 @@ class AttentionTemperature(_QuantVLAPass):
     alpha_neutral: float = ALPHA_NEUTRAL
     alpha_domain: Literal["linear", "log"] = "linear"  # "log": paper text, |log α| band and clamp
 
+    def run_block(self, blk, ctx) -> None:
+        sites = self._block_sites(blk)
+        if not sites:
+            return
+        cache = self._block_teacher(blk, ctx, sites)
+        std_q, heads, rms_q = self._student(blk, sites)
+        ctx.scratch.setdefault("quantvla_pre_atm", {}).update({f"{blk.prefix}.{k}": v for k, v in rms_q.items()})
+        table = alphas(cache["teacher_std"][blk.prefix], std_q, self.alpha_clip, self.alpha_neutral, self.alpha_domain)
+        rows = ctx.scratch[self.name]["rows"]
+        for s in sites:
+            a = table[s.name]
+            applied = "unchanged"
+            if not bool((a == 1).all()):
+                applied = apply_alpha(blk.module, s, a, heads[s.name][1], self.fold)
+            rows[f"{blk.prefix}.{s.name}"] = (a, applied)
+        ctx.scratch[self.name]["sites"] += len(sites)
+
+    def _record(self, ctx, rows: dict) -> None:
+        flat = torch.cat([a for a, _ in rows.values()])
+        lo, hi = self.alpha_clip
+        ctx.record(self.name, scope=self.scope, modules=len(rows), heads=int(flat.numel()),
+                   neutral=int((flat == 1).sum()),
+                   clipped=int(((flat - lo).abs() < 1e-7).sum() + ((flat - hi).abs() < 1e-7).sum()),
+                   alpha_min=float(flat.min()), alpha_max=float(flat.max()),
+                   applied={n: w for n, (_, w) in rows.items() if w != "unchanged"},
+                   alpha={n: [round(v, 6) for v in a.tolist()] for n, (a, _) in rows.items()})
+
     def run(self, model: nn.Module, ctx) -> None:
+        if self.execution == "block" and ctx.teacher is None and ctx.arch is not None:  # the block loop
+            return super().run(model, ctx)
         sites, batches, cache = self._setup(model, ctx)
         self._teacher_stats(ctx, sites, batches, cache)
         std_q, heads, rms_q = measure(model, sites, batches, progress=ctx.progress)
@@ -230,7 +301,33 @@ class HeadBalance(_QuantVLAPass):
     beta_neutral: float = BETA_NEUTRAL
     after_atm: bool = True  # False: β from the student before ATM (the GR00T tool's order)
 
+    def run_block(self, blk, ctx) -> None:
+        sites = self._block_sites(blk)
+        if not sites:
+            return
+        cache = self._block_teacher(blk, ctx, sites)
+        pre = ctx.scratch.get("quantvla_pre_atm", {})
+        if not self.after_atm and pre:
+            rms_q = {s.name: pre[f"{blk.prefix}.{s.name}"] for s in sites}
+        else:
+            _, _, rms_q = self._student(blk, sites, logits=False)
+        table = betas(cache["teacher_rms"][blk.prefix], rms_q, self.beta_log_clip, self.beta_neutral)
+        rows = ctx.scratch[self.name]["rows"]
+        for s in sites:
+            applied = apply_beta(blk.module, s, table[s.name], self.fold) if table[s.name] != 1.0 else "unchanged"
+            rows[f"{blk.prefix}.{s.name}"] = (table[s.name], applied)
+        ctx.scratch[self.name]["sites"] += len(sites)
+
+    def _record(self, ctx, rows: dict) -> None:
+        values = [b for b, _ in rows.values()]
+        ctx.record(self.name, scope=self.scope, after_atm=self.after_atm, modules=len(rows),
+                   neutral=sum(v == 1.0 for v in values), beta_min=min(values), beta_max=max(values),
+                   applied={n: w for n, (_, w) in rows.items() if w != "unchanged"},
+                   beta={n: round(b, 6) for n, (b, _) in rows.items()})
+
     def run(self, model: nn.Module, ctx) -> None:
+        if self.execution == "block" and ctx.teacher is None and ctx.arch is not None:  # the block loop
+            return super().run(model, ctx)
         sites, batches, cache = self._setup(model, ctx)
         self._teacher_stats(ctx, sites, batches, cache)
         pre = cache.get("student_rms_pre_atm", {})

@@ -167,8 +167,14 @@ def capture_output_rms(model: nn.Module, names: dict[str, str], stats: StatMean)
             h.remove()
 
 
-def run_batches(model: nn.Module, batches: Iterable, progress: Callable[[int], None] | None = None) -> None:
-    """Forward every calibration batch (token ids [b, seq] or a dict of model inputs)."""
+def run_batches(model: nn.Module, batches: Iterable | Callable[[], None],
+                progress: Callable[[int], None] | None = None) -> None:
+    """Forward every calibration batch (token ids [b, seq] or a dict of model inputs); `batches` may
+    also be a callable that runs the forwards itself (one decoder block on its inputs)."""
+    if callable(batches):
+        with torch.no_grad():
+            batches()
+        return
     with torch.no_grad():
         for batch in batches:
             if isinstance(batch, dict):
