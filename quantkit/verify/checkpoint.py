@@ -70,6 +70,7 @@ class Checkpoint:
             raise VerifyInputError(f"{self.path} has no .safetensors files")
         self.tensors: dict[str, TensorInfo] = {}
         self._file: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
         for f in files:
             try:
                 with safe_open(f, "pt") as sf:
@@ -83,8 +84,10 @@ class Checkpoint:
         self.modules, self.tied, self.lm_head, self.skeleton_note = _skeleton(self)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self._file[name], "pt") as sf:
-            return sf.get_tensor(name)
+        f = self._file[name]
+        if f not in self._handles:  # one open handle per file: reopening per tensor costs more than reading scales
+            self._handles[f] = safe_open(f, "pt")
+        return self._handles[f].get_tensor(name)
 
     def has(self, name: str) -> bool:
         return name in self.tensors

@@ -5,6 +5,7 @@ Reads only scales (1/16 of the weights at most), never the packed weights themse
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,7 +48,24 @@ def _expected(s: Scheme, fmt: str, out: int, inp: int) -> dict[str, tuple[tuple[
     return t
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Per-layer scale tensors are small: torch's intra-op thread pool costs more than it saves,
+    most of all on a loaded machine (measured 100x slower with 2 threads at load average 12)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def check_tensors(ckpt: Checkpoint, result: VerifyResult, plan: Plan) -> None:
+    with _one_thread():
+        _check_tensors(ckpt, result, plan)
+
+
+def _check_tensors(ckpt: Checkpoint, result: VerifyResult, plan: Plan) -> None:
     for name, gid in plan.quantized.items():
         mod, s = ckpt.modules[name], plan.schemes[gid]
         if mod.in_features is None or mod.out_features is None:
