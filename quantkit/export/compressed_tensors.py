@@ -171,9 +171,23 @@ def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tens
                 out[f"{name}.input_global_scale"] = m.input_global_scale.float().reshape(1)
         elif isinstance(m, nn.Linear):
             ignore.append(name)
+        elif hasattr(m, "expert_shapes"):  # issue 14: fused MoE experts, written per expert
+            from quantkit.export.ct_experts import writer_entries
+
+            tensors, expert_schemes = writer_entries(name, m, m.model_type)
+            qprefixes.append(name + ".")
+            out.update(tensors)
+            schemes.update(expert_schemes)
     for key, t in module.state_dict(prefix=dot).items():
         if not any(key.startswith(q) for q in qprefixes):
             out[key] = t
+    moe_type = next((m.model_type for m in module.modules() if hasattr(m, "expert_shapes")), None)
+    if moe_type:  # the rest of an MoE block as the original checkpoints name it (Mixtral: block_sparse_moe)
+        from quantkit.export.ct_experts import checkpoint_name
+
+        out = {checkpoint_name(k, moe_type): v for k, v in out.items()}
+        schemes = {checkpoint_name(k, moe_type): v for k, v in schemes.items()}
+        ignore = [checkpoint_name(k, moe_type) for k in ignore]
     return out, schemes, ignore
 
 

@@ -37,9 +37,10 @@ def is_experts(module: nn.Module) -> bool:
 class QExperts(nn.Module):
     def __init__(self, inner: nn.Module, layout: ExpertsInfo, qweights: dict[str, list[QTensor]], *,
                  mode: str, act_format: str | None, input_global_scales: dict[str, torch.Tensor] | None,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, model_type: str = ""):
         super().__init__()
         self.layout = layout
+        self.model_type = model_type  # the checkpoint writer names per-expert tensors after it
         self.mode = mode
         self.act_format = act_format
         self.compute_dtype = compute_dtype
@@ -152,17 +153,17 @@ class QExperts(nn.Module):
 
 
 def _quantize_one(fmt, w: torch.Tensor, observer: str, global_scale: torch.Tensor | None) -> QTensor:
-    if observer == "mse":
-        from quantkit.formats.search import mse_quantize
+    if observer == "minmax":
+        return fmt.quantize(w, global_scale=global_scale)
+    from quantkit.formats.observers import OBSERVERS  # the same registry the quantize pass uses
 
-        return mse_quantize(fmt, w, global_scale=global_scale)
-    return fmt.quantize(w, global_scale=global_scale)
+    return OBSERVERS.get(observer)(fmt, w, global_scale)
 
 
 @torch.no_grad()
 def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_format: str | None = None, *,
                      input_global_scales: dict[str, torch.Tensor] | None = None, observer: str = "minmax",
-                     hidden_size: int | None = None) -> QExperts:
+                     hidden_size: int | None = None, model_type: str = "") -> QExperts:
     """Replace a fused-experts module by a QExperts (the caller puts it at the module's path).
 
     input_global_scales: parameter name -> [E] static activation global scales (NVFP4 W4A4), if
@@ -198,7 +199,7 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
         gs = shared[param]
         qweights[param] = [_quantize_one(fmt, w[e], observer, None if gs is None else gs[e]) for e in range(w.shape[0])]
     return QExperts(module, layout, qweights, mode=mode, act_format=act_format,
-                    input_global_scales=input_global_scales, compute_dtype=dtype)
+                    input_global_scales=input_global_scales, compute_dtype=dtype, model_type=model_type)
 
 
 def select_experts(targets, model: nn.Module, arch) -> list[str]:
@@ -225,7 +226,8 @@ def select_experts(targets, model: nn.Module, arch) -> list[str]:
 
 def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mode: str = "real",
                            act_format: str | None = None, observer: str = "minmax",
-                           input_global_scales: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[int, int]:
+                           input_global_scales: dict[str, dict[str, torch.Tensor]] | None = None,
+                           model_type: str = "") -> tuple[int, int]:
     """Swap each named experts module for its QExperts in place; (bytes before, bytes after).
 
     The quantize pass calls this beside its linears loop (one block's names in the streaming loop).
@@ -238,7 +240,7 @@ def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mo
         module = model.get_submodule(name)
         before += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         q = quantize_experts(module, fmt_name, mode, act_format, observer=observer,
-                             input_global_scales=(input_global_scales or {}).get(name))
+                             input_global_scales=(input_global_scales or {}).get(name), model_type=model_type)
         after += sum(t.numel() * t.element_size() for n, t in q.named_buffers(recurse=False)
                      if n.endswith(("_codes", "_scale")))
         set_module(model, name, q)

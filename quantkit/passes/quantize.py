@@ -92,12 +92,14 @@ class Quantize(Pass):
     def begin(self, ctx) -> None:
         ctx.scratch[self._key()] = {"names": self.targets.select(ctx.model, ctx.arch), "modules": 0,
                                     "bytes_before": 0, "bytes_after": 0}
+        ctx.scratch[self._key()]["experts"] = _experts_in(self, ctx)  # issue 14: fused MoE experts
 
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"
 
     def run_block(self, blk, ctx) -> None:
         self._quantize_names(blk.model, ctx, blk.select(ctx.scratch[self._key()]["names"]))
+        _quantize_block_experts(self, blk, ctx)  # issue 14: fused MoE experts
 
     def run_rest(self, model: nn.Module, ctx) -> None:
         prefix = ctx.arch.layers_path + "."
@@ -157,3 +159,38 @@ class Quantize(Pass):
 
     def work_units(self, ctx) -> int:
         return 0
+
+
+# -- fused MoE experts (issue 14; nn/qexperts.py, nn/expert_stats.py) ---------------------------------
+def _experts_in(p: Quantize, ctx) -> list[str]:
+    from quantkit.nn.qexperts import select_experts
+
+    return select_experts(p.targets, ctx.model, ctx.arch)
+
+
+def _quantize_block_experts(p: Quantize, blk, ctx) -> None:
+    """Quantize the block's fused experts per expert; with a static activation format, per-expert
+    input scales come from this block's calibration inputs sent through every expert."""
+    from quantkit.nn.expert_stats import expert_statistics, input_global_scales
+    from quantkit.nn.qexperts import quantize_named_experts
+
+    state = ctx.scratch[p._key()]
+    names = blk.select(state.get("experts", []))
+    if not names:
+        return
+    scales = None
+    static = p.act_format is not None and get_format(p.act_format).activation_global_scale(torch.ones(1)) is not None
+    if static and blk.hidden is not None:
+        with expert_statistics(blk.module, prefix=blk.prefix) as found:
+            blk.forward()
+        scales = {n: input_global_scales(found[n], blk.model.get_submodule(n), p.act_format, n) for n in names}
+        for n in names:  # tokens the real routing sent to each expert, for the report
+            ctx.report.setdefault("expert_tokens", {})[n] = found[n].tokens.tolist()
+    before, after = quantize_named_experts(blk.model, names, p.format, p.mode, p.act_format, p.observer, scales,
+                                           model_type=ctx.arch.model_type)
+    state["bytes_before"] += before
+    state["bytes_after"] += after
+    state["modules"] += len(names)
+    for n in names:
+        ctx.quantized[n] = {"format": p.format, "act_format": p.act_format, "mode": p.mode, "experts": True}
+
