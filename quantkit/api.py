@@ -196,6 +196,7 @@ def apply(
                 else:
                     writer.finish(model, tokenizer)
                 report.details["layout"] = layout
+                report.details["verify"] = _verify_output(tmp, layout, ctx)
                 atomic_write_text(tmp / "recipe.yaml", recipe.to_yaml())
                 report.checkpoint_bytes = dir_bytes(tmp)
                 seconds["save"] = time.perf_counter() - t
@@ -206,6 +207,25 @@ def apply(
     seconds["total"] = time.perf_counter() - started
     report.model_obj = model  # for in-process callers (tests, benchmarks); not serialized
     return report
+
+
+def _verify_output(path: Path, layout: str, ctx: Context) -> dict:
+    """verify's cheap checks (config, tensors, shapes; no model load) before the rename."""
+    if layout == "dense":
+        return {"skipped": "dense checkpoint"}
+    from quantkit.errors import CheckpointCheckError
+    from quantkit.verify import verify_checkpoint
+
+    head = any(n == "lm_head" or n.endswith(".lm_head") for n in ctx.quantized)
+    result = verify_checkpoint(path, cheap=True, run=False, allow_quantized_lm_head=head)
+    if result.errors:
+        first = result.errors[0]
+        where = f" ({first.module})" if first.module else ""
+        raise CheckpointCheckError(
+            f"internal error: the checkpoint failed verify's {first.check} check{where}: {first.message}; "
+            f"nothing was written ({len(result.errors)} error(s); please report this)"
+        )
+    return {"errors": 0, "warnings": len(result.warnings)}
 
 
 def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.device, trust_remote_code: bool):

@@ -40,3 +40,9 @@ class QualityGateError(QuantkitError):
     """A CI quality gate (--max-ppl-increase, --max-kl) failed. Exit code 1."""
 
     exit_code = 1
+
+
+class CheckpointCheckError(QuantkitError):
+    """The checkpoint apply just wrote failed verify's checks: a quantkit bug, nothing was written. Exit 3."""
+
+    exit_code = 3

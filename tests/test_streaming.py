@@ -119,33 +119,66 @@ def test_eval_in_stream_matches_separate_evaluation(arch_dirs, tmp_path):
     assert rep.kl is not None and rep.kl > 0
 
 
-def test_kill_mid_write_leaves_no_output_and_keeps_previous(arch_dirs, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "report.json").write_text("{}")  # a previous quantkit output
-    (out / "marker").write_text("old")
+def _kill_during_write(src: Path, out: Path) -> None:
+    """Start a streaming apply that pauses after writing its first block, and SIGKILL it there."""
     script = (
-        "import sys, time\n"
+        "import time\n"
         "from quantkit.export import writer\n"
         "orig = writer.CheckpointWriter.add_block\n"
         "def slow(self, prefix, block):\n"
         "    orig(self, prefix, block)\n"
-        "    print('BLOCK', flush=True); time.sleep(30)\n"
+        "    print('BLOCK', flush=True); time.sleep(60)\n"
         "writer.CheckpointWriter.add_block = slow\n"
+        "from pathlib import Path\n"
         "from quantkit.api import apply\n"
         "from quantkit.recipe import load_recipe\n"
-        f"apply(load_recipe('int8-w8a16', overrides={SMALL!r}), {str(arch_dirs['llama'])!r}, output=__import__('pathlib').Path({str(out)!r}), force=True, execution='streaming')\n"
+        f"apply(load_recipe('int8-w8a16', overrides={SMALL!r}), {str(src)!r}, output=Path({str(out)!r}), force=True, "
+        "execution='streaming')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parent.parent)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     line = b""
     while time.time() < deadline and b"BLOCK" not in line:
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
             break
-    assert b"BLOCK" in line, "the run never reached its first block"
+    if b"BLOCK" not in line:
+        proc.kill()
+        raise AssertionError(f"the run never reached its first block: {proc.stderr.read()[-2000:]!r}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / "marker").read_text() == "old"
-    assert not any(p.suffix == ".safetensors" for p in out.iterdir())
+
+
+def test_kill_mid_write_leaves_no_output_and_keeps_previous(arch_dirs, tmp_path):
+    fresh = tmp_path / "fresh"
+    _kill_during_write(arch_dirs["llama"], fresh)
+    assert not fresh.exists()  # the shards written so far sit in a temporary sibling, never at the output
+
+    out = tmp_path / "out"
+    apply(load_recipe("int8-w8a16", overrides=SMALL), str(arch_dirs["llama"]), output=out)  # a previous output
+    before = _checkpoint_files(out)
+    _kill_during_write(arch_dirs["llama"], out)
+    assert _checkpoint_files(out) == before  # --force: the previous output is intact until the rename
+
+
+def test_apply_refuses_to_publish_a_checkpoint_that_fails_verify(arch_dirs, tmp_path, monkeypatch):
+    """A writer bug (here: a NaN global scale) is caught by verify's cheap checks before the rename."""
+    from quantkit.errors import CheckpointCheckError
+    from quantkit.export import compressed_tensors as ct
+
+    real = ct.module_tensors
+
+    def broken(prefix, module):
+        tensors, schemes, ignore = real(prefix, module)
+        for name in list(tensors):
+            if name.endswith("q_proj.weight_global_scale"):
+                tensors[name] = torch.full_like(tensors[name], float("nan"))
+        return tensors, schemes, ignore
+
+    monkeypatch.setattr(ct, "module_tensors", broken)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointCheckError, match="nothing was written"):
+        apply(load_recipe("nvfp4-w4a16", overrides=SMALL), str(arch_dirs["llama"]), output=out, execution="streaming")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
