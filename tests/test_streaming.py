@@ -66,6 +66,21 @@ def test_streaming_and_whole_write_identical_bytes(arch, recipe_name, arch_dirs,
         assert a[name] == b[name], f"{name} differs between whole and streaming"
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("recipe_name", ["nvfp4-w4a16", "nvfp4-w4a4", "int8-w8a8"])
+def test_moe_streams_through_transformers_conversion(arch, recipe_name, smollm2_tokenizer, tmp_path):
+    """Per-expert checkpoint tensors are fused into the model's 3-D expert parameters block by block
+    (transformers' own conversion mapping), and the result equals the whole-model path's bytes."""
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    tiny_model(arch, vocab_size=len(smollm2_tokenizer), dtype=torch.bfloat16).save_pretrained(src)
+    smollm2_tokenizer.save_pretrained(src)
+    assert not any(".experts.gate_up_proj" in n for n in SafetensorsSource(src).names())  # per-expert on disk
+    whole, streaming = _both(recipe_name, src, tmp_path)
+    a, b = _checkpoint_files(whole), _checkpoint_files(streaming)
+    assert a == b
+
+
 def test_sharded_output_loads_in_transformers(arch_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -52,6 +52,10 @@ class StreamResidency:
         self.model, self.source, self.device = model, source, device
         self.block_prefixes = block_prefixes
         self._prefix_fix = self._find_prefix_fix()
+        # checkpoints whose layout differs from the model's (e.g. per-expert MoE tensors that
+        # transformers 5 fuses into 3-D parameters) load through transformers' own conversion
+        # mapping, one block's source tensors at a time
+        self._converted = self._conversion_groups()
 
     def _find_prefix_fix(self) -> str:
         """Checkpoints of a base model lack the head class's prefix (`model.`): map names if so."""
@@ -62,6 +66,44 @@ class StreamResidency:
         if base and all(n.removeprefix(base + ".") in self.source for n in names[:8] if n.startswith(base + ".")):
             return base + "."
         return ""
+
+    def _conversion_groups(self) -> dict[str, list[str]] | None:
+        tied = tied_names(self.model)
+        wanted = [n for n in persistent_tensors(self.model) if n not in tied]
+        if all(self._source_name(n) in self.source for n in wanted):
+            return None
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self._mapping = get_model_conversion_mapping(self.model, None, None)
+        renamings = [c for c in self._mapping if isinstance(c, WeightRenaming)]
+        converters = [c for c in self._mapping if isinstance(c, WeightConverter)]
+        meta = self.model.state_dict()
+        groups: dict[str, list[str]] = {}
+        for key in self.source.names():
+            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            owner = next((p for p in self.block_prefixes if target.startswith(p + ".")), "")
+            groups.setdefault(owner, []).append(key)
+        return groups
+
+    def _load_converted(self, group: str) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        state = {k: self.source.read(k) for k in self._converted.get(group, [])}
+        config = LoadStateDictConfig(dtype=self.model.dtype, weight_mapping=self._mapping)
+        convert_and_load_state_dict_in_model(self.model, state, config)
+        module = self.model.get_submodule(group) if group else self.model
+        for name, t in persistent_tensors(module, group + "." if group else "").items():
+            if t.device.type == "meta" and (group or not self._in_block(name)) and name not in tied_names(self.model):
+                raise ModelLoadError(f"streaming: the checkpoint gave no tensor for {name}")
+            if t.device != self.device and t.device.type != "meta":
+                owner, leaf = _owner(self.model, name)
+                moved = t.to(self.device)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = nn.Parameter(moved, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = moved
 
     def _source_name(self, name: str) -> str:
         return name.removeprefix(self._prefix_fix) if self._prefix_fix else name
@@ -92,6 +134,11 @@ class StreamResidency:
 
     def load_resident(self) -> None:
         """Everything outside the decoder blocks: embeddings, final norm, head (tied head once)."""
+        if self._converted is not None:
+            self._load_converted("")
+            if tied_names(self.model):
+                self.model.tie_weights()
+            return
         names = [n for n, t in persistent_tensors(self.model).items()
                  if not self._in_block(n) and t.device.type == "meta"]
         tied = tied_names(self.model)
@@ -106,6 +153,9 @@ class StreamResidency:
         return any(name.startswith(p + ".") for p in self.block_prefixes)
 
     def onload(self, prefix: str) -> None:
+        if self._converted is not None:
+            self._load_converted(prefix)
+            return
         block = self.model.get_submodule(prefix)
         self._load([n for n, t in persistent_tensors(block, prefix + ".").items() if t.device.type == "meta"])
 
