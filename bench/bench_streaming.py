@@ -135,7 +135,8 @@ def markdown(res: dict) -> str:
             out.append(f"| {name} | {r.get('source_gb', '-')} | {_cell(r, 'wall_s')} | {_cell(r, 'peak_rss_mb')} |")
         out.append("")
     if res.get("llama7b"):
-        out += ["## 7B-shaped Llama: quantkit streaming vs llm-compressor", "",
+        peer_note = " (llm-compressor not run: --skip-peer)" if res.get("peer_skipped") else ""
+        out += [f"## 7B-shaped Llama: quantkit streaming vs llm-compressor{peer_note}", "",
                 "| scheme | quantkit wall s | quantkit peak RSS MB | llm-compressor wall s | llm-compressor peak RSS MB | quantkit checkpoint GB |",
                 "|---|---|---|---|---|---|"]
         for scheme, row in res["llama7b"].items():
@@ -167,24 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     from quantkit.models import default_model_dir
 
     WORK.mkdir(parents=True, exist_ok=True)
-    res: dict = {"provenance": provenance("bench/bench_streaming.py", argv)}
+    res: dict = {"provenance": provenance("bench/bench_streaming.py", argv), "peer_skipped": args.skip_peer}
     smollm2 = default_model_dir()
-    if "smollm2" in parts:
-        res["smollm2"] = {}
-        for mode in ("whole", "streaming"):
-            res["smollm2"][mode] = quantkit_apply("nvfp4-w4a16", smollm2, WORK / f"stream-smollm2-{mode}", mode,
-                                                  f"stream-smollm2-{mode}")
-            save(res)
     llama7b = write_llama("llama-7b", WORK / "synth-llama-7b") if parts & {"sizes", "7b", "load"} else None
-    if "sizes" in parts:
-        res["sizes"] = {}
-        for name, path in (("SmolLM2-135M", smollm2), ("1B-shaped Llama", write_llama("llama-1b", WORK / "synth-llama-1b")),
-                           ("7B-shaped Llama", llama7b)):
-            r = quantkit_apply("nvfp4-w4a16", path, WORK / f"stream-size-{path.name}", "streaming",
-                               f"stream-size-{path.name}")
-            r["source_gb"] = round(sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) / 1e9, 2)
-            res["sizes"][name] = r
-            save(res)
     if "7b" in parts:
         from bench.peers.common import PeerError, ensure_peer, run_peer, write_calib
         from transformers import AutoTokenizer
@@ -216,11 +202,27 @@ def main(argv: list[str] | None = None) -> dict:
             save(res)
     if "load" in parts:
         res["load"] = {}
-        for scheme in SCHEMES:
+        for scheme in ("NVFP4A16", "W8A8", "NVFP4"):
             path = WORK / f"qk7b-{scheme}"
             if (path / "config.json").exists():
                 res["load"][scheme] = load_check(path, scheme == "NVFP4A16", f"load7b-{scheme}")
                 save(res)
+    if "sizes" in parts:
+        res["sizes"] = {}
+        for name, path in (("SmolLM2-135M", smollm2), ("1B-shaped Llama", write_llama("llama-1b", WORK / "synth-llama-1b")),
+                           ("7B-shaped Llama", llama7b)):
+            reuse = res.get("llama7b", {}).get("NVFP4A16", {}).get("quantkit") if path == llama7b else None
+            r = dict(reuse) if reuse else quantkit_apply("nvfp4-w4a16", path, WORK / f"stream-size-{path.name}",
+                                                         "streaming", f"stream-size-{path.name}")
+            r["source_gb"] = round(sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) / 1e9, 2)
+            res["sizes"][name] = r
+            save(res)
+    if "smollm2" in parts:
+        res["smollm2"] = {}
+        for mode in ("whole", "streaming"):
+            res["smollm2"][mode] = quantkit_apply("nvfp4-w4a16", smollm2, WORK / f"stream-smollm2-{mode}", mode,
+                                                  f"stream-smollm2-{mode}")
+            save(res)
     save(res)
     return res
 
