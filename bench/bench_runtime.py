@@ -319,6 +319,37 @@ def memory_rows(labels: list[str]) -> list[dict]:
     return rows
 
 
+# -- torch.compile of the W8A8 activation quantization -------------------------------------------
+def compile_rows(rounds: int) -> dict:
+    """Compile time (first call) and per-call CPU time of act_codes, eager vs inductor, and the
+    W8A8 layer with and without it: the data behind QUANTKIT_COMPILE being off by default."""
+    from quantkit.nn.kernels import int8 as k_int8
+
+    out: dict = {"provenance": provenance(["--compile-only"]), "act_quant": [], "layer": []}
+    t0 = time.perf_counter()
+    compiled = torch.compile(lambda t: k_int8.act_codes(t, torch.float32), dynamic=True)
+    x = torch.randn(512, 576, dtype=torch.bfloat16)
+    compiled(x)
+    out["first_compile_s"] = round(time.perf_counter() - t0, 1)
+    for rows, k in ((1, 576), (512, 576), (1, 4096), (512, 4096)):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        w0 = time.perf_counter()
+        compiled(x)  # dynamic shapes: a new size class may recompile
+        first = time.perf_counter() - w0
+        fns = {"eager": lambda x=x: k_int8.act_codes(x, torch.float32), "compiled": lambda x=x: compiled(x)}
+        inner = max(1, int(MIN_MEASURE_S / max(_measure(lambda _: fns["eager"](), x, 1), 1e-6)))
+        times = {k2: [] for k2 in fns}
+        for _ in range(rounds):
+            for k2, fn in fns.items():
+                times[k2].append(_measure(lambda _, fn=fn: fn(), x, inner))
+        med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
+        out["act_quant"].append({"rows": rows, "in": k, "first_call_s": round(first, 2),
+                                 "eager_ms": round(med["eager"], 4), "compiled_ms": round(med["compiled"], 4)})
+        print(f"  act quant {rows}x{k}: eager {med['eager']:.3f} ms, compiled {med['compiled']:.3f} ms "
+              f"(first call {first:.1f} s)", flush=True)
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------
 def _goal_rows(layers: list[dict]) -> list[dict]:
     out = []
@@ -375,6 +406,15 @@ def markdown(res: dict) -> str:
             out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['eval_cpu_s']:.1f} | {r['eval_wall_s']:.1f} | "
                        f"{r['speedup_vs_bf16_cpu']:.2f}x | {', '.join(r['kernels'])} |")
         out.append("")
+    if res.get("compile"):
+        c = res["compile"]
+        out += ["## torch.compile (inductor) of the W8A8 per-token activation quantization", "",
+                f"First compile: {c['first_compile_s']} s (commit `{c['provenance']['commit'][:12]}`, load "
+                f"{c['provenance']['machine']['loadavg_start'][0]:.1f}).", "",
+                "| rows x in | eager ms | compiled ms | first call of this size s |", "|---|---|---|---|"]
+        for r in c["act_quant"]:
+            out.append(f"| {r['rows']}x{r['in']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['first_call_s']} |")
+        out.append("")
     if res.get("memory"):
         out += ["## Memory: SmolLM2-135M in real mode after a 512-token and a 1-token forward (fresh process each)", "",
                 "| variant | model tensors MB | packed linears MB | dense bf16 of those linears MB | kernel caches MB "
@@ -401,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only (a smoke run)")
+    ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -420,8 +461,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_memory:
         print("memory", flush=True)
         res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"])
+    if not args.skip_compile:
+        print("compile", flush=True)
+        res["compile"] = compile_rows(args.rounds)
     res["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / f"{NAME}.json"
+    if previous.exists():  # a skipped section keeps its last measured rows (and their provenance)
+        old = json.loads(previous.read_text())
+        for key in ("layers", "goals", "e2e", "memory", "compile"):
+            if key not in res and key in old:
+                res[key] = old[key]
+        if args.skip_layers and "layers" in old:  # the header describes the run that measured the layers
+            res["provenance"] = old.get("provenance", res["provenance"])
+            res["threads"], res["rounds"], res["windows"] = old.get("threads"), old.get("rounds"), old.get("windows")
+            res["loadavg_end"] = old.get("loadavg_end", res["loadavg_end"])
     (RESULTS / f"{NAME}.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / f"{NAME}.md").write_text(markdown(res))
     return res
