@@ -42,6 +42,8 @@ def apply(
     max_ppl_increase: Annotated[Optional[float], typer.Option("--max-ppl-increase", help="fail (exit 1) if perplexity rises more than PCT percent")] = None,
     max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="fail (exit 1) if mean token KL exceeds X")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip perplexity/KL evaluation")] = False,
+    execution: Annotated[Optional[str], typer.Option("--execution", help="auto (default: streaming when the model would not comfortably fit in memory), whole, or streaming (one decoder block in memory at a time)")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB (default) or 500MB")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="checkpoint layout: auto (what the passes need) or bnb-int8 (bitsandbytes LLM.int8, with the llm-int8 recipe); sets the recipe's output.layout")] = None,
 ) -> None:
     """Quantize MODEL with RECIPE and write a checkpoint plus report."""
@@ -52,6 +54,10 @@ def apply(
         overrides = list(set_ or [])
         if no_eval:
             overrides.append("eval.enabled=false")
+        if execution is not None:
+            overrides.append(f"execution={execution}")
+        if max_shard_size is not None:
+            overrides.append(f"output.max_shard_size={max_shard_size}")
         if layout is not None:
             overrides.append(f"output.layout={layout}")
         rec = load_recipe(recipe, overrides)
