@@ -394,3 +394,25 @@ def test_apply_quantizes_every_expert_and_transformers_reloads_it(tiny_moe_dir, 
     ids = torch.arange(40)[None] * 7
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_llama4_experts_stored_in_out_are_read_transposed():
+    """Llama-4 keeps experts as [E, in, out] without saying so; shapes decide the orientation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama4_text", hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               vocab_size=256, num_local_experts=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    info = arch_info(model)
+    name, layout = info.experts(0)[0]
+    assert layout.transposed and layout.params == {"gate_up": "gate_up_proj", "down": "down_proj"}
+    experts = model.get_submodule(name)
+    reference = copy.deepcopy(experts)
+    q = quantize_experts(experts, "mxfp4", "real")
+    with torch.no_grad():
+        reference.gate_up_proj.copy_(q.dequantized("gate_up_proj"))
+        reference.down_proj.copy_(q.dequantized("down_proj"))
+    x = torch.randn(4 * 3, 64)  # Llama-4's experts take tokens already sorted per expert
+    assert torch.equal(q(x), reference(x))

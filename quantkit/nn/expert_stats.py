@@ -96,7 +96,8 @@ def expert_statistics(root: nn.Module, all_experts: bool = True, prefix: str = "
         stats = found[full] = ExpertStats(layout.num_experts)
 
         def hook(mod, args, _out, layout=layout, stats=stats):
-            _record(mod, layout, stats, args[0], args[1], all_experts)
+            if len(args) >= 2:  # routed experts forward (hidden, top_k_index, ...); others: no statistics
+                _record(mod, layout, stats, args[0], args[1], all_experts)
 
         handles.append(module.register_forward_hook(hook))
     try:

@@ -102,14 +102,19 @@ class QExperts(nn.Module):
             self._install({p: w.to(probe.device) for p, w in self._dense_weights(probe.dtype).items()}, True)
         return self
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The original experts forward, whatever its signature; with an activation format, the
+        routed (hidden_states, top_k_index, top_k_weights) one."""
         real = self.mode == "real"
         if real:
             self._install(self._dense_weights(hidden_states.dtype))
         try:
             if self.act_format is None:
-                return self.inner(hidden_states, top_k_index, top_k_weights)
-            return self._eager_with_activations(hidden_states, top_k_index, top_k_weights)
+                return self.inner(hidden_states, *args, **kwargs)
+            if len(args) != 2:
+                raise FormatError(f"activation quantization of {type(self.inner).__name__} needs its routed "
+                                  "(hidden_states, top_k_index, top_k_weights) forward")
+            return self._eager_with_activations(hidden_states, *args)
         finally:
             if real:
                 for param in self.shapes:

@@ -40,20 +40,39 @@ def is_fused_experts(module: nn.Module) -> bool:
     return len(shapes) >= 2 and len({s[0] for s in shapes.values()}) == 1 and next(iter(shapes.values()))[0] > 1
 
 
-def describe_experts(path: str, module: nn.Module, hidden_size: int) -> ExpertsInfo:
-    """Roles from shapes: the input projection reads the hidden size, the output one writes it."""
-    shapes = _weights3d(module)
-    transposed = _transposed(module)
-    num_experts = next(iter(shapes.values()))[0]
-
+def _assign(shapes: dict[str, tuple[int, ...]], hidden_size: int, transposed: bool) -> tuple[list[str], list[str]]:
     def io(shape):  # (out, in) of one expert's matrix
         return (shape[2], shape[1]) if transposed else (shape[1], shape[2])
 
     ins = [n for n, s in shapes.items() if io(s)[1] == hidden_size and io(s)[0] != hidden_size]
     outs = [n for n, s in shapes.items() if io(s)[0] == hidden_size and n not in ins]
+    if len(ins) == 1 and len(outs) == 1 and io(shapes[ins[0]])[0] not in (io(shapes[outs[0]])[1], 2 * io(shapes[outs[0]])[1]):
+        return [], []  # the input projection's width must be what the output one reads (or twice: gate_up)
+    return ins, outs
+
+
+def describe_experts(path: str, module: nn.Module, hidden_size: int) -> ExpertsInfo:
+    """Roles from shapes: the input projection reads the hidden size, the output one writes it.
+
+    The layout is [E, out, in] unless the module says `is_transposed`; a module that says nothing
+    (Llama-4 stores [E, in, out]) is read whichever way gives one input and one output projection.
+    """
+    shapes = _weights3d(module)
+    transposed = _transposed(module)
+    num_experts = next(iter(shapes.values()))[0]
+    ins, outs = _assign(shapes, hidden_size, transposed)
+    declared = hasattr(module, "is_transposed") or hasattr(module, "layout")
+    if (len(ins) != 1 or len(outs) != 1) and not declared:
+        flipped = _assign(shapes, hidden_size, not transposed)
+        if len(flipped[0]) == 1 and len(flipped[1]) == 1:
+            (ins, outs), transposed = flipped, not transposed
     if len(ins) != 1 or len(outs) != 1:  # square experts (I == H): names break the tie
         ins = [n for n in shapes if "down" not in n and "w2" not in n]
         outs = [n for n in shapes if n not in ins]
+
+    def io(shape):
+        return (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+
     params: dict[str, str] = {}
     if len(ins) == 1 and len(outs) == 1:
         packed = io(shapes[ins[0]])[0] == 2 * io(shapes[outs[0]])[1]

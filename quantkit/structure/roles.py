@@ -243,4 +243,6 @@ def _heads(trace: Trace, query: int, q: set[str], k: set[str], v: set[str]) -> t
     shares = (key in q) + 1 + (key in v)  # slices of the key linear's output: q? k, v?
     rest = width // head_dim - (n_heads if key in q else 0)
     n_kv = rest // (shares - (key in q))
+    if width % head_dim or n_kv <= 0 or n_heads % n_kv:  # e.g. MLA's kv_b_proj: not heads x head_dim
+        return None  # the caller asks the config
     return n_heads, n_kv, head_dim
