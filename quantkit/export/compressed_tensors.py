@@ -21,14 +21,10 @@ CHECKPOINT_FILE = "model.safetensors"
 
 
 def codecs() -> dict:
-    table = dict(ct_int.CODECS)
-    try:
-        from quantkit.export import ct_fp4
-    except ImportError:  # the FP4 codecs are optional until that module exists
-        return table
-    table.update(ct_fp4.CODECS)
-    from quantkit.export import ct_fp8
+    from quantkit.export import ct_fp4, ct_fp8  # imported, never guarded: a broken codec must fail loudly
 
+    table = dict(ct_int.CODECS)
+    table.update(ct_fp4.CODECS)
     table.update(ct_fp8.CODECS)
     return table
 

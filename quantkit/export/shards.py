@@ -73,7 +73,10 @@ class ShardWriter:
         if self._data is None:
             self._open()
         if nbytes:
-            self._data.write(t.reshape(-1).view(torch.uint8).numpy())
+            flat = t.reshape(-1)
+            if flat.stride(0) != 1:  # a one-element view keeps its odd stride through contiguous()
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            self._data.write(flat.view(torch.uint8).numpy())
         self._header[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
