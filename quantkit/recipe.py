@@ -179,6 +179,21 @@ def _check_plan(where: str, recipe: Recipe) -> None:
             raise RecipeError(f"{where}: {e}") from None
     if recipe.execution == "streaming":
         check_streamable(recipe.passes, where)
+    if recipe.output.save:
+        _check_fp4_folds(where, recipe)
+
+
+def _check_fp4_folds(where: str, recipe: Recipe) -> None:
+    """ATM/OHB fold per-row gains into weights; FP4 block scales cannot absorb them exactly, so the
+    compressed-tensors writer would refuse at the end of the run: refuse the recipe now instead."""
+    fp4 = [p for p in recipe.passes if getattr(p, "format", "") and str(p.format).startswith(("nvfp4", "mxfp4"))]
+    folds = [p for p in recipe.passes if p.name in ("attention_temperature", "head_balance") and getattr(p, "fold", False)]
+    if fp4 and folds:
+        raise RecipeError(
+            f"{where}: {folds[0].name} folds per-row gains into {fp4[0].format} weights, which compressed-tensors "
+            "cannot store without re-rounding block scales; set output.save: false (accuracy study) or use an "
+            "integer format"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -14,7 +14,8 @@ FAST = ["--set", "calib.n_samples=2", "--set", "calib.seq_len=32", "--no-eval"]
 # every other shipped recipe is checked (llm-int8 is quantkit's layout too)
 # fp8-block's 128-element activation groups need in_features that the tiny model (64) does not have:
 # test_fp8_block_on_a_model_too_small_for_it_fails_verify checks that verify says so
-SKIPPED = {"masa-20", "masa-50", "fp8-block"}
+# quantvla-nvfp4 writes no checkpoint (output.save: false: ATM/OHB gains cannot be folded into FP4 scales)
+SKIPPED = {"masa-20", "masa-50", "fp8-block", "quantvla-nvfp4"}
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml") if p.stem not in SKIPPED)
 # the QuantVLA recipes target a VLA's DiT; on a decoder-only model their passes act on the LLM
 EXTRA = {r: ["--set", "passes.2.scope=llm", "--set", "passes.3.scope=llm"] for r in ("quantvla-nvfp4", "quantvla-w4a8")}
