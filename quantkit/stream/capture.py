@@ -60,18 +60,41 @@ def model_call(model: nn.Module, ids: torch.Tensor, keep_all_logits: bool = Fals
     kwargs = dict(input_ids=ids, use_cache=False)
     if not keep_all_logits:
         kwargs["logits_to_keep"] = 1
+    if "logits_to_keep" not in kwargs:
+        return model(**kwargs)
     try:
         return model(**kwargs)
-    except TypeError:  # a forward without logits_to_keep
-        kwargs.pop("logits_to_keep", None)
+    except (TypeError, IndexError):  # a forward without logits_to_keep, or one that mis-slices it (Falcon)
+        kwargs.pop("logits_to_keep")
         return model(**kwargs)
+
+
+# the call convention of a model's decoder blocks, learnt at the first capture: most transformers 5
+# blocks return the hidden states, some (Falcon and ~30 others) a tuple that starts with them
+_TUPLE_ATTR = "_quantkit_blocks_return_tuple"
+
+
+def _passthrough(model: nn.Module, h: torch.Tensor):
+    return (h,) if getattr(model, _TUPLE_ATTR, False) else h
 
 
 @torch.inference_mode()
 def capture(model: nn.Module, blocks: Sequence[nn.Module], id_batches: Iterable[torch.Tensor]) -> Captured:
+    batches = list(id_batches)
+    conventions = [getattr(model, _TUPLE_ATTR)] if hasattr(model, _TUPLE_ATTR) else [False, True]
+    for k, as_tuple in enumerate(conventions):
+        setattr(model, _TUPLE_ATTR, as_tuple)
+        try:
+            return _capture(model, blocks, batches)
+        except (IndexError, RuntimeError, ValueError, TypeError):
+            if k + 1 == len(conventions):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _capture(model: nn.Module, blocks: Sequence[nn.Module], batches: list[torch.Tensor]) -> Captured:
     hidden: list[torch.Tensor] = []
     calls: list[list[Call]] = [[] for _ in blocks]
-    ids_seen: list[torch.Tensor] = []
 
     def make(i):
         def catcher(*args, **kwargs):
@@ -79,15 +102,14 @@ def capture(model: nn.Module, blocks: Sequence[nn.Module], id_batches: Iterable[
             if i == 0:
                 hidden.append(h)
             calls[i].append(call)
-            return h
+            return _passthrough(model, h)
 
         return catcher
 
     with swapped_forwards(blocks, make):
-        for ids in id_batches:
-            ids_seen.append(ids)
+        for ids in batches:
             model_call(model, ids)
-    return Captured(hidden, calls, ids_seen)
+    return Captured(hidden, calls, batches)
 
 
 def block_output(out):
@@ -109,7 +131,7 @@ def head_logits(model: nn.Module, blocks: Sequence[nn.Module], ids: torch.Tensor
     def make(i):
         def passthrough(*args, **kwargs):
             h, _ = _split(args, kwargs)
-            return final_hidden if i == last else h
+            return _passthrough(model, final_hidden if i == last else h)
 
         return passthrough
 
