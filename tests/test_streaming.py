@@ -211,3 +211,21 @@ def test_apply_refuses_to_publish_a_checkpoint_that_fails_verify(arch_dirs, tmp_
         apply(load_recipe("nvfp4-w4a16", overrides=SMALL), str(arch_dirs["llama"]), output=out, execution="streaming")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("recipe_name", ["nvfp4-w4a16", "mxfp4-w4a16"])
+def test_fp4_checkpoint_of_an_fp32_model_runs_in_transformers(recipe_name, smollm2_tokenizer, tmp_path):
+    """compressed-tensors decompresses FP4 to bf16: the config must say so, or the forward mixes dtypes."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    tiny_model("llama", vocab_size=len(smollm2_tokenizer), dtype=torch.float32).save_pretrained(src)
+    smollm2_tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    apply(load_recipe(recipe_name, overrides=SMALL), str(src), output=out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()

@@ -39,6 +39,13 @@ def layout_for(passes) -> str:
     return produced.pop() if produced else "dense"
 
 
+FP4_DECOMPRESSED_DTYPE = "bfloat16"
+
+
+def _has_fp4(schemes: dict[str, dict]) -> bool:
+    return any(str(s.get("format", "")).startswith(("nvfp4", "mxfp4")) for s in schemes.values())
+
+
 def layout_of_model(model: nn.Module) -> str:
     """The layout a model already in memory needs (for callers that quantized it by hand)."""
     from quantkit.export import quantkit_layout
@@ -149,6 +156,11 @@ class CheckpointWriter:
             qc = ql.config_from(self.modules)
         if qc:
             config["quantization_config"] = qc
+        if self.layout == "compressed-tensors" and _has_fp4(self.schemes):
+            # compressed-tensors decompresses FP4 weights to bf16 whatever the source dtype was; a
+            # config declaring fp32/fp16 would make transformers' forward mix dtypes and fail
+            config["dtype"] = FP4_DECOMPRESSED_DTYPE
+            config.pop("torch_dtype", None)
         else:
             config.pop("quantization_config", None)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n")
