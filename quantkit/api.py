@@ -221,6 +221,9 @@ def _verify_output(path: Path, layout: str, ctx: Context) -> dict:
     if result.errors:
         first = result.errors[0]
         where = f" ({first.module})" if first.module else ""
+        if all(e.check.startswith("shapes.") for e in result.errors):  # the model's shapes, not a bug
+            raise QuantkitError(f"this model's layer shapes do not fit the recipe's scheme{where}: {first.message}; "
+                                "nothing was written")
         raise CheckpointCheckError(
             f"internal error: the checkpoint failed verify's {first.check} check{where}: {first.message}; "
             f"nothing was written ({len(result.errors)} error(s); please report this)"

@@ -156,13 +156,13 @@ class CheckpointWriter:
             qc = ql.config_from(self.modules)
         if qc:
             config["quantization_config"] = qc
+        else:
+            config.pop("quantization_config", None)
         if self.layout == "compressed-tensors" and _has_fp4(self.schemes):
             # compressed-tensors decompresses FP4 weights to bf16 whatever the source dtype was; a
             # config declaring fp32/fp16 would make transformers' forward mix dtypes and fail
             config["dtype"] = FP4_DECOMPRESSED_DTYPE
             config.pop("torch_dtype", None)
-        else:
-            config.pop("quantization_config", None)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.dir)
