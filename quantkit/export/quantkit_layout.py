@@ -125,23 +125,7 @@ def has_quantkit_modules(model: nn.Module) -> bool:
 
 def write_quantkit_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` dict for a model holding quantkit-layout modules."""
-    modules: dict[str, dict[str, Any]] = {}
-    for name, (handler, module) in quantkit_modules(model).items():
-        cfg = handler.config(module)
-        if "type" in cfg:
-            raise FormatError(f"{handler.type_name}: config() must not set the reserved key 'type'")
-        modules[name] = {"type": handler.type_name, **cfg}
-    out = {
-        "quant_method": QUANT_METHOD,
-        "version": _package_version(),
-        "layout_version": LAYOUT_VERSION,
-        "modules": modules,
-    }
-    try:
-        json.dumps(out, allow_nan=False)
-    except (TypeError, ValueError) as e:  # a handler returned tensors or other non-JSON values
-        raise FormatError(f"quantkit layout config is not JSON-serializable: {e}") from None
-    return out
+    return config_from(module_tensors("", model)[1])
 
 
 def _guard() -> torch.Tensor:
@@ -162,17 +146,7 @@ def add_guard(module: nn.Module) -> None:
 
 def quantkit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors to save: state_dict + guards, tied duplicates dropped, contiguous."""
-    sd = dict(model.state_dict())
-    for name, (handler, module) in quantkit_modules(model).items():
-        key = f"{name}.{GUARD_KEY}" if name else GUARD_KEY
-        existing = sd.get(key)
-        if existing is not None and existing.numel() > 0:
-            raise FormatError(
-                f"{handler.type_name} module {name!r} stores a non-empty '{GUARD_KEY}'; rename it so that a "
-                f"loader without quantkit fails instead of loading it into a dense Linear"
-            )
-        sd[key] = _guard()
-    return saveable(sd)
+    return saveable(module_tensors("", model)[0])
 
 
 def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
