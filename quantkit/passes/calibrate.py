@@ -39,6 +39,10 @@ class Calibrate(Pass):
 
     # "auto": run the calibration forwards only when a later pass needs activation statistics
     collect_stats: bool | Literal["auto"] = "auto"
+    # MoE: every calibration token also goes through every expert for statistics (the real routing
+    # still decides what the next block sees), so rarely routed experts get input scales from data
+    # (as llm-compressor's moe_calibrate_all_experts; nn/expert_stats.py, docs/architectures.md)
+    moe_calibrate_all_experts: bool = True
 
     def provided_facts(self) -> frozenset[str]:
         return frozenset({"calib"}) if self.collect_stats is False else self.provides
@@ -77,11 +81,17 @@ class Calibrate(Pass):
 
         handles = [m.register_forward_pre_hook(hook(f"{blk.prefix}.{n}"))
                    for n, m in blk.module.named_modules() if is_linear(m)]
+        from quantkit.nn.expert_stats import expert_statistics
+
         try:
-            blk.forward()
+            with expert_statistics(blk.module, self.moe_calibrate_all_experts, blk.prefix) as experts:
+                blk.forward()
         finally:
             for h in handles:
                 h.remove()
+        for name, st in experts.items():  # issue 14: per-expert statistics and routed-token counts
+            ctx.stats.setdefault("expert_stats", {})[name] = st
+            ctx.report.setdefault("expert_tokens", {})[name] = st.tokens.tolist()
         for name, cols in col_amax.items():
             ctx.stats["act_amax"][name] = cols.max().reshape(1)
             ctx.stats["act_col_amax"][name] = cols
@@ -93,8 +103,11 @@ class Calibrate(Pass):
             ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
                        statistics="skipped (no later pass needs them)")
             return
+        experts = ctx.stats.get("expert_stats", {})
+        moe = {"moe_calibrate_all_experts": self.moe_calibrate_all_experts, "experts_modules": len(experts),
+               "experts_without_tokens": sum(int((s.tokens == 0).sum()) for s in experts.values())} if experts else {}
         ctx.record(self.name, n_samples=cfg.n_samples, seq_len=cfg.seq_len, source=cfg.source,
-                   linears=ctx.scratch[self.name]["linears"], calibration="sequential")
+                   linears=ctx.scratch[self.name]["linears"], calibration="sequential", **moe)
 
     def work_units(self, ctx) -> int:
         return ctx.calib_config.n_samples

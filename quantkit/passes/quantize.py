@@ -180,9 +180,11 @@ def _quantize_block_experts(p: Quantize, blk, ctx) -> None:
         return
     scales = None
     static = p.act_format is not None and get_format(p.act_format).activation_global_scale(torch.ones(1)) is not None
-    if static and blk.hidden is not None:
+    found = ctx.stats.get("expert_stats", {})  # the calibrate pass's, from this block's same inputs
+    if static and blk.hidden is not None and not all(n in found for n in names):
         with expert_statistics(blk.module, prefix=blk.prefix) as found:
             blk.forward()
+    if static and all(n in found for n in names):
         scales = {n: input_global_scales(found[n], blk.model.get_submodule(n), p.act_format, n) for n in names}
         for n in names:  # tokens the real routing sent to each expert, for the report
             ctx.report.setdefault("expert_tokens", {})[n] = found[n].tokens.tolist()
