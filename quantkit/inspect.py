@@ -95,10 +95,56 @@ def inspect_checkpoint(path: Path) -> dict:
         else:
             if types.get("masa") or any("masa" in str(t) for t in types):
                 info["extra"]["masa"] = masa_param_counts(qc)
+    experts = _experts_summary(tensors)
+    if experts:
+        info["experts"] = experts
+        info.setdefault("extra", {})["experts"] = _experts_line(experts)
     if info.get("kernels"):
         counts = Counter(k["kernel"] for k in info["kernels"])
         info.setdefault("extra", {})["kernels on this machine (quantkit runtime, cpu)"] = dict(counts)
     return info
+
+
+_EXPERT_KEY = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>[^.]+)$")
+_QUANT_SUFFIXES = ("weight_packed", "weight_scale")  # every compressed-tensors weight format carries one
+
+
+def _experts_summary(tensors: dict) -> list[dict]:
+    """Per MoE experts module: how many experts it has and how many have every projection quantized.
+
+    Per-expert checkpoint tensors are `<module>.experts.<e>.<proj>.<suffix>`; fused 3-D expert
+    parameters (`<module>.experts.gate_up_proj`, [E, ...]) are experts left dense."""
+    projs: dict[str, dict[int, dict[str, bool]]] = {}  # module -> expert -> projection -> quantized
+    for key, meta in tensors.items():
+        m = _EXPERT_KEY.match(key)
+        if m:
+            slot = projs.setdefault(m["module"], {}).setdefault(int(m["e"]), {})
+            slot[m["proj"]] = slot.get(m["proj"], False) or m["suffix"] in _QUANT_SUFFIXES
+            continue
+        module, _, leaf = key.rpartition(".")
+        if module.endswith(".experts") and len(meta["shape"]) == 3:
+            for e in range(meta["shape"][0]):
+                projs.setdefault(module, {}).setdefault(e, {})[leaf] = False
+    rows = []
+    for module, experts in sorted(projs.items(), key=lambda kv: _natural(kv[0])):
+        quantized = [e for e, p in sorted(experts.items()) if p and all(p.values())]
+        rows.append({"module": module, "experts": len(experts), "quantized": len(quantized),
+                     "projections": sorted({p for ps in experts.values() for p in ps}),
+                     "dense_experts": sorted(set(experts) - set(quantized))})
+    return rows
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _experts_line(rows: list[dict]) -> str:
+    """'8/8 quantized per layer (16 layers)', or the layers where some expert is not."""
+    counts = {(r["quantized"], r["experts"]) for r in rows}
+    if len(counts) == 1:
+        q, n = counts.pop()
+        return f"{q}/{n} quantized per layer ({len(rows)} layers)"
+    return "; ".join(f"{r['module']}: {r['quantized']}/{r['experts']} quantized" for r in rows)
 
 
 def _module_shape(tensors: dict, module: str) -> tuple[int, int] | None:
