@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from quantkit.formats import FORMATS, get_format
@@ -45,6 +45,9 @@ class Quantize(Pass):
     act_format: str | None = None
     mode: Literal["fake", "real"] = "real"
     observer: str = "minmax"  # a name in quantkit.formats.observers.OBSERVERS
+    # the observer's error weighted by this block's calibration inputs: "channel" E[x^2] per input
+    # channel, "hessian" the 16x16 (NVFP4) / 32x32 (MXFP4) diagonal blocks of X^T X (passes/input_stats.py)
+    weighting: Literal["none", "channel", "hessian"] = "none"
     targets: Targets = Targets()
 
     @field_validator("observer")
@@ -56,6 +59,14 @@ class Quantize(Pass):
             raise ValueError(f"unknown observer {v!r}; known: {', '.join(OBSERVERS)}")
         return v
 
+    @model_validator(mode="after")
+    def _weighting_needs_a_search(self):
+        if self.weighting != "none" and self.observer == "minmax":
+            raise ValueError(f"weighting {self.weighting!r} needs a searching observer (minmax has nothing to weigh)")
+        if self.weighting == "hessian" and self.observer == "mse":
+            raise ValueError("observer mse weighs per channel only: use weighting 'channel', or observer e4m3_local/mx_exp")
+        return self
+
     @field_validator("format", "act_format")
     @classmethod
     def _known_format(cls, v: str | None) -> str | None:
@@ -65,6 +76,8 @@ class Quantize(Pass):
 
     def requirements(self) -> frozenset[str]:
         needs = set(self.requires)
+        if self.weighting != "none":
+            needs.add("calib")  # the weighting comes from the blocks' calibration inputs
         if self.act_format is not None and get_format(self.act_format).activation_global_scale(torch.ones(1)) is not None:
             needs.add("act_stats")  # static activation global scale comes from calibration
         return frozenset(needs)
@@ -97,13 +110,26 @@ class Quantize(Pass):
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"
 
+    def needs_inputs(self, ctx) -> bool:
+        return self.weighting != "none"
+
     def run_block(self, blk, ctx) -> None:
-        self._quantize_names(blk.model, ctx, blk.select(ctx.scratch[self._key()]["names"]))
+        names = blk.select(ctx.scratch[self._key()]["names"])
+        if self.weighting != "none" and names:
+            from quantkit.passes.input_stats import input_second_moments
+
+            todo = [n for n in names if not isinstance(blk.model.get_submodule(n), QLinear)]
+            ctx.scratch[self._key()]["importance"] = input_second_moments(blk, todo, self.weighting)
+        self._quantize_names(blk.model, ctx, names)
+        ctx.scratch[self._key()].pop("importance", None)
         _quantize_block_experts(self, blk, ctx)  # issue 14: fused MoE experts
 
     def run_rest(self, model: nn.Module, ctx) -> None:
         prefix = ctx.arch.layers_path + "."
-        self._quantize_names(model, ctx, [n for n in ctx.scratch[self._key()]["names"] if not n.startswith(prefix)])
+        rest = [n for n in ctx.scratch[self._key()]["names"] if not n.startswith(prefix)]
+        if rest and self.weighting != "none":  # no block inputs reach e.g. lm_head: say so rather than guess
+            ctx.scratch[self._key()]["unweighted"] = rest
+        self._quantize_names(model, ctx, rest)
 
     def _quantize_names(self, model: nn.Module, ctx, names: list[str]) -> None:
         if not names:
@@ -135,8 +161,9 @@ class Quantize(Pass):
         if self.observer != "minmax":
             from quantkit.formats.observers import OBSERVERS
 
+            importance = ctx.scratch[self._key()].get("importance", {}).get(name)
             qw = OBSERVERS.get(self.observer)(get_format(self.format), linear_weight(linear).detach().contiguous(),
-                                              gscales.get(name))
+                                              gscales.get(name), importance)
             return build_qlinear(linear, qw, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
         return quantize_linear(linear, self.format, mode=self.mode, act_format=self.act_format,
                                global_scale=gscales.get(name), input_global_scale=igs)
@@ -155,7 +182,12 @@ class Quantize(Pass):
         )
 
     def _report_extra(self, ctx) -> dict:
-        return {}
+        if self.observer == "minmax":
+            return {}
+        extra = {"observer": self.observer, "weighting": self.weighting}
+        if ctx.scratch[self._key()].get("unweighted"):
+            extra["unweighted_outside_blocks"] = ctx.scratch[self._key()]["unweighted"]
+        return extra
 
     def work_units(self, ctx) -> int:
         return 0

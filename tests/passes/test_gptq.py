@@ -164,3 +164,28 @@ def test_hessian_weighted_observer_scales_run(weighting):
     x = _correlated_inputs(1024, 128)
     qt, _ = gptq_quantize(fmt, w, x.T @ x, observer="e4m3_local", weighting=weighting)
     assert _err(fmt, w, qt, x) < _err(fmt, w, fmt.quantize(w), x)
+
+
+# -- solver failures and the pass's knobs ---------------------------------------------------------
+@pytest.mark.parametrize("h", [-torch.eye(64), torch.full((64, 64), float("nan"))], ids=["negative", "nan"])
+def test_a_hessian_the_solver_cannot_factor_is_a_solver_error_naming_the_knobs(h):
+    from quantkit.errors import QuantkitError, SolverError
+
+    with pytest.raises(SolverError, match="raise gptq dampening.* or add calibration samples") as info:
+        gptq_quantize(get_format("nvfp4"), torch.randn(8, 64), h)
+    assert isinstance(info.value, QuantkitError) and "\n" not in str(info.value)
+
+
+def test_pass_passes_act_order_and_weighting_to_the_solver():
+    model = _tiny_llama()
+    ctx = _ctx(model)
+    Gptq(format="nvfp4", mode="fake", observer="e4m3_local", weighting="hessian", act_order=True).run(model, ctx)
+    row = ctx.report["gptq"]
+    assert row["act_order"] is True and row["weighting"] == "hessian" and row["observer"] == "e4m3_local"
+    ref = _tiny_llama()
+    plain = _tiny_llama()
+    Gptq(format="nvfp4", mode="fake", observer="e4m3_local").run(plain, _ctx(plain))
+    q = model.model.layers[0].mlp.down_proj
+    assert not torch.equal(q.dequantized_weight(), plain.model.layers[0].mlp.down_proj.dequantized_weight())
+    assert q.qweight.codes.shape == plain.model.layers[0].mlp.down_proj.qweight.codes.shape
+    del ref

@@ -13,7 +13,7 @@ from torch import nn
 from quantkit.formats import get_format
 from quantkit.nn.qlinear import QLinear
 from quantkit.passes.base import register_pass
-from quantkit.errors import CalibrationError, QuantkitError
+from quantkit.errors import QuantkitError, SolverError
 from quantkit.passes.gptq.solver import gptq_quantize
 from quantkit.passes.quantize import Quantize, build_qlinear
 from quantkit.targets import linear_weight
@@ -35,6 +35,7 @@ class Gptq(Quantize):
 
     block_size: int = Field(128, gt=0)  # columns updated together (lazy batch updates); rounded to whole blocks
     dampening: float = Field(0.01, ge=0)  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False  # static act-order: columns by decreasing diag(H), scales fixed beforehand (solver.py)
 
     def requirements(self) -> frozenset[str]:
         return self.requires | super().requirements()
@@ -67,12 +68,10 @@ class Gptq(Quantize):
         try:
             qt, info = gptq_quantize(get_format(self.format), linear_weight(linear).detach(),
                                      state["hessians"].pop(name), gscales.get(name), block_size=self.block_size,
-                                     dampening=self.dampening, observer=self.observer)
-        except torch.linalg.LinAlgError:
-            raise CalibrationError(
-                f"gptq: the Hessian of {name} is not positive definite even after raising the dampening; "
-                "raise `dampening` (e.g. 0.1) or add calibration data (calib.n_samples)"
-            ) from None
+                                     dampening=self.dampening, observer=self.observer, act_order=self.act_order,
+                                     weighting=self.weighting)
+        except SolverError as e:  # the solver's message names the knobs; add the layer
+            raise SolverError(str(e).replace("gptq:", f"gptq ({name}):", 1)) from None
         state["losses"][name] = info["loss"]
         return build_qlinear(linear, qt, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
 
@@ -81,7 +80,8 @@ class Gptq(Quantize):
 
     def _report_extra(self, ctx) -> dict:
         losses = ctx.scratch[self._key()]["losses"]
-        return {"observer": self.observer, "dampening": self.dampening, "block_size": self.block_size,
+        return {"observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
+                "dampening": self.dampening, "block_size": self.block_size,
                 "gptq_loss_total": round(sum(losses.values()), 6)}
 
     @staticmethod

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from quantkit.errors import SolverError
 from quantkit.formats.base import Format, QTensor
 from quantkit.formats.fp4 import FP4Format
 from quantkit.formats.int4 import Int4Format
@@ -154,12 +155,17 @@ def gptq_quantize(
 
 def _factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
     damp = dampening
+    if not torch.isfinite(h).all():  # Cholesky of a NaN matrix may "succeed" and quantize to garbage
+        raise SolverError("gptq: the calibration Hessian has NaN/Inf entries (non-finite activations); "
+                          "check the model in full precision, raise gptq dampening or add calibration samples")
     for _ in range(MAX_DAMP_RETRIES + 1):
         try:
             return _inverse_hessian_factor(h, damp), damp
         except torch.linalg.LinAlgError:
             damp *= 10
-    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp}")
+    raise SolverError(f"gptq: the Hessian is not positive definite even with dampening {damp / 10:g} "
+                      f"({MAX_DAMP_RETRIES} automatic x10 retries from {dampening:g}); "
+                      "raise gptq dampening (e.g. 0.1) or add calibration samples (calib.n_samples)")
 
 
 def _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs) -> None:
