@@ -181,6 +181,22 @@ def _check_plan(where: str, recipe: Recipe) -> None:
         check_streamable(recipe.passes, where)
     if recipe.output.save:
         _check_fp4_folds(where, recipe)
+    _check_rotations(where, recipe)
+
+
+def _check_rotations(where: str, recipe: Recipe) -> None:
+    """An online rotation must end up in a layout that holds it (quantkit/passes/rotate)."""
+    from quantkit.errors import QuantkitError
+    from quantkit.export.writer import layout_for
+    from quantkit.passes.rotate import check_recipe
+
+    try:
+        layout = "bnb-int8" if recipe.output.layout == "bnb-int8" else layout_for(recipe.passes)
+    except QuantkitError:
+        layout = "mixed"
+    problem = check_recipe(recipe.passes, recipe.output.save, layout)
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
 
 
 def _check_fp4_folds(where: str, recipe: Recipe) -> None:

@@ -49,13 +49,20 @@ def scheme_dict(module: QLinear) -> dict:
             "format": codec.ct_format(module.act_format),
             "weights": codec.weight_args(module.qweight),
             "input_activations": codec.act_args(module.act_format),
+            **_transform_entry(module),
         }
     act = module.act_format
     int_weights_int8_acts = module.weight_format.startswith("int4") and act == "int8"  # W4A8
     s = codec.scheme(module.weight_format, None if int_weights_int8_acts else act, ("Linear",))
     if int_weights_int8_acts:
         s["input_activations"] = ct_int.Int8Codec().act_args("int8")
-    return {"format": s["format"], "weights": s["weights"], "input_activations": s["input_activations"]}
+    return {"format": s["format"], "weights": s["weights"], "input_activations": s["input_activations"],
+            **_transform_entry(module)}
+
+
+def _transform_entry(module: QLinear) -> dict:
+    """The online input rotation (rotate pass) travels with the scheme until config_from splits it off."""
+    return {"input_transform": module.input_rotation} if getattr(module, "input_rotation", None) else {}
 
 
 def _to_ct(module: QLinear, qt) -> dict[str, torch.Tensor]:
@@ -80,6 +87,10 @@ def config_from(schemes: dict[str, dict], ignore: list[str]) -> dict:
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+    from quantkit.export.ct_transform import transform_config
+
+    rotated = {n: s["input_transform"] for n, s in schemes.items() if s.get("input_transform")}
+    schemes = {n: {k: v for k, v in s.items() if k != "input_transform"} for n, s in schemes.items()}
     groups: dict[str, list[str]] = {}
     by_key: dict[str, dict] = {}
     for name, s in schemes.items():
@@ -108,7 +119,7 @@ def config_from(schemes: dict[str, dict], ignore: list[str]) -> dict:
     )
     data = qc.model_dump(exclude=["quant_method"])
     return {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {},
-            "transform_config": {}, **data}
+            "transform_config": transform_config(rotated, list(schemes), list(ignore)), **data}
 
 
 def _json_default(obj):
@@ -165,7 +176,15 @@ def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tens
                 out[f"{name}.bias"] = m.bias.detach()
             if m.input_global_scale is not None:
                 out[f"{name}.input_global_scale"] = m.input_global_scale.float().reshape(1)
+            if m.input_rotation:  # online input rotation: the matrix compressed-tensors registers
+                from quantkit.export.ct_transform import tensor_name, transform_tensor
+
+                out[tensor_name(name)] = transform_tensor(m.input_rotation)
         elif isinstance(m, nn.Linear):
+            if getattr(m, "input_rotation", None):
+                raise QuantkitError(f"{name} has an online input rotation but is not quantized; quantkit writes "
+                                    "online rotations for quantized linears only: quantize it, or exclude it from the "
+                                    "rotate pass's targets")
             ignore.append(name)
         elif hasattr(m, "expert_shapes"):  # issue 14: fused MoE experts, written per expert
             from quantkit.export.ct_experts import writer_entries

@@ -52,8 +52,12 @@ def act_format(args: dict | None) -> str | None:
     raise ModelLoadError(f"quantkit's runtime has no activation format for compressed-tensors args {args}")
 
 
-def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
+def matches(name: str, module: nn.Module, targets: list[str]) -> bool:
+    """compressed-tensors' target rule: a layer name, a class name ("Linear" also matches a QLinear
+    standing in for one), or a "re:" regex."""
     for t in targets:
+        if t == "Linear" and isinstance(module, QLinear):
+            return True
         if t.startswith("re:") and re.match(t[3:], name):
             return True
         if t == name or t == type(module).__name__:
@@ -84,7 +88,7 @@ def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in ignore:
             continue
-        group = next((g for g in qc.get("config_groups", {}).values() if _matches(name, module, g.get("targets", []))), None)
+        group = next((g for g in qc.get("config_groups", {}).values() if matches(name, module, g.get("targets", []))), None)
         if group is None:
             continue
         fmt, act = weight_format(group["weights"]), act_format(group.get("input_activations"))
@@ -97,6 +101,13 @@ def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         q = QLinear(qt, None if bias is None else bias.to(dtype), mode="real", act_format=act,
                     input_global_scale=parts.get("input_global_scale"), compute_dtype=dtype)
         set_module(model, name, q)
+    suffixes = tuple(f".{g}_{loc}.weight" for g in ((qc.get("transform_config") or {}).get("config_groups") or {})
+                     for loc in ("input", "output"))
+    for key in [k for k in tensors if suffixes and k.endswith(suffixes)]:
+        tensors.pop(key)  # transform matrices: rebuilt from transform_config below
+    from quantkit.export.ct_transform import attach_online_transforms
+
+    attach_online_transforms(model, qc)
     missing = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                     strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

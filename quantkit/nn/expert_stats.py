@@ -155,3 +155,68 @@ def input_global_scales(stats: ExpertStats, module: nn.Module, act_format: str, 
         return None
     # one scale per expert: the format reduces whatever it is given to one amax
     return {p: torch.cat([fmt.activation_global_scale(a[e:e + 1]) for e in range(a.numel())]) for p, a in amax.items()}
+
+
+# -- GPTQ: a Hessian per expert from the tokens the real routing sends it -------------------------------
+@dataclass
+class ExpertHessians:
+    """H = sum over tokens routed to expert e of x x^T, per fused parameter, fp32 ([in, in] or None: no token)."""
+
+    num_experts: int
+    tokens: torch.Tensor = None  # [E] int64 routed-token counts
+    h: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokens is None:
+            self.tokens = torch.zeros(self.num_experts, dtype=torch.int64)
+
+    def add(self, param: str, e: int, x: torch.Tensor) -> None:
+        x = x.detach().float()  # [n, in]
+        slots = self.h.setdefault(param, [None] * self.num_experts)
+        xtx = x.T @ x
+        slots[e] = xtx if slots[e] is None else slots[e] + xtx
+
+
+@torch.no_grad()
+def _record_hessians(module: nn.Module, layout: ExpertsInfo, hs: ExpertHessians, x: torch.Tensor,
+                     top_k_index: torch.Tensor) -> None:
+    x = x.reshape(-1, x.shape[-1])
+    hs.tokens += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=layout.num_experts)[: layout.num_experts]
+    roles = layout.params
+    firsts = ["gate_up"] if "gate_up" in roles else [r for r in ("gate", "up") if r in roles]
+    for e in range(layout.num_experts):
+        rows = x[(top_k_index == e).any(dim=-1)]  # [n_e, H] tokens routed to e (real routing only)
+        if rows.shape[0] == 0:
+            continue
+        for r in firsts:  # gate and up read the same input: one Hessian, kept per parameter
+            hs.add(roles[r], e, rows)
+        if "gate_up" in roles:
+            gate, up = F.linear(rows, _matrix(module, layout, "gate_up", e)).chunk(2, dim=-1)
+        else:
+            up = F.linear(rows, _matrix(module, layout, "up", e))
+            gate = F.linear(rows, _matrix(module, layout, "gate", e)) if "gate" in roles else None
+        hs.add(roles["down"], e, up if gate is None else module.act_fn(gate) * up)  # down's input [n_e, I]
+
+
+@contextmanager
+def expert_hessians(root: nn.Module, prefix: str = "") -> Iterator[dict[str, ExpertHessians]]:
+    """Record ExpertHessians for every float fused-experts module under root (names prefixed by `prefix`)."""
+    found: dict[str, ExpertHessians] = {}
+    handles = []
+    for name, module in root.named_modules():
+        if not is_fused_experts(module) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            continue
+        layout = _layout(module, name)
+        full = f"{prefix}.{name}" if prefix and name else (name or prefix)
+        hs = found[full] = ExpertHessians(layout.num_experts)
+
+        def hook(mod, args, _out, layout=layout, hs=hs):
+            if len(args) >= 2:  # the routed (hidden_states, top_k_index, ...) forward
+                _record_hessians(mod, layout, hs, args[0], args[1])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()

@@ -168,11 +168,13 @@ def _quantize_one(fmt, w: torch.Tensor, observer: str, global_scale: torch.Tenso
 @torch.no_grad()
 def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_format: str | None = None, *,
                      input_global_scales: dict[str, torch.Tensor] | None = None, observer: str = "minmax",
-                     hidden_size: int | None = None, model_type: str = "") -> QExperts:
+                     hidden_size: int | None = None, model_type: str = "", solver=None) -> QExperts:
     """Replace a fused-experts module by a QExperts (the caller puts it at the module's path).
 
     input_global_scales: parameter name -> [E] static activation global scales (NVFP4 W4A4), if
     calibrated; without them activations use dynamic per-tensor scales.
+    solver: (parameter name, expert, weight [out, in], global scale or None) -> QTensor, to
+    quantize each expert's matrix another way than round-to-nearest (gptq); None: the observer.
     """
     if not is_experts(module):
         raise FormatError(f"{type(module).__name__} is not a fused-experts module (no 3-D expert weights)")
@@ -202,7 +204,8 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
     for param in layout.params.values():
         w = matrices(param)
         gs = shared[param]
-        qweights[param] = [_quantize_one(fmt, w[e], observer, None if gs is None else gs[e]) for e in range(w.shape[0])]
+        qweights[param] = [solver(param, e, w[e], None if gs is None else gs[e]) if solver else
+                           _quantize_one(fmt, w[e], observer, None if gs is None else gs[e]) for e in range(w.shape[0])]
     return QExperts(module, layout, qweights, mode=mode, act_format=act_format,
                     input_global_scales=input_global_scales, compute_dtype=dtype, model_type=model_type)
 
@@ -232,11 +235,12 @@ def select_experts(targets, model: nn.Module, arch) -> list[str]:
 def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mode: str = "real",
                            act_format: str | None = None, observer: str = "minmax",
                            input_global_scales: dict[str, dict[str, torch.Tensor]] | None = None,
-                           model_type: str = "") -> tuple[int, int]:
+                           model_type: str = "", solvers: dict | None = None) -> tuple[int, int]:
     """Swap each named experts module for its QExperts in place; (bytes before, bytes after).
 
     The quantize pass calls this beside its linears loop (one block's names in the streaming loop).
     input_global_scales: module name -> {parameter name: [E] scales}, from calibration.
+    solvers: module name -> a `solver` for quantize_experts (gptq's per-expert Hessians).
     """
     from quantkit.targets import set_module
 
@@ -245,7 +249,8 @@ def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mo
         module = model.get_submodule(name)
         before += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         q = quantize_experts(module, fmt_name, mode, act_format, observer=observer,
-                             input_global_scales=(input_global_scales or {}).get(name), model_type=model_type)
+                             input_global_scales=(input_global_scales or {}).get(name), model_type=model_type,
+                             solver=(solvers or {}).get(name))
         after += sum(t.numel() * t.element_size() for n, t in q.named_buffers(recurse=False)
                      if n.endswith(("_codes", "_scale")))
         set_module(model, name, q)

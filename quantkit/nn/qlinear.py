@@ -26,6 +26,33 @@ from quantkit.nn.kernels.select import Choice, Device, choose
 PROTECTED_BUFFERS = ("weight_scale", "weight_global_scale", "input_global_scale", "output_scale")
 
 
+def rotate_input(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The online input transform x -> x R, R = block-diagonal H_block / sqrt(block) (docs/rotation.md).
+
+    Computed as compressed-tensors' ``hadamard`` transform computes an online ``input`` rotation with
+    head_dim=block and precision float32: a +-1 Sylvester matrix, then a division by sqrt(block), so
+    quantkit's runtime and compressed-tensors' hooks give the same bits.
+    """
+    h = sylvester(block, x.device)
+    n = x.shape[-1]
+    y = (x.to(torch.float32).unflatten(-1, (n // block, block)) @ h).flatten(-2)  # [..., in/b, b] -> [..., in]
+    return (y / torch.tensor(block, dtype=torch.float64).sqrt()).to(x.dtype)
+
+
+SYLVESTER_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def sylvester(block: int, device: torch.device) -> torch.Tensor:
+    """The +-1 Sylvester Hadamard matrix [block, block] (compressed-tensors' deterministic_hadamard_matrix)."""
+    key = (block, str(device))
+    if key not in SYLVESTER_CACHE:
+        h = torch.ones(1, 1)
+        while h.shape[0] < block:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # [2k, 2k] from [k, k]
+        SYLVESTER_CACHE[key] = h.to(device)
+    return SYLVESTER_CACHE[key]
+
+
 class QLinear(nn.Module):
     def __init__(
         self,
@@ -54,6 +81,9 @@ class QLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self._choices: dict[tuple[torch.device, torch.dtype], Choice] = {}
         self._kcache: dict[str, torch.Tensor] = {}  # kernel-specific derived tensors, not in state_dict
+        # online Hadamard block size (the `rotate` pass): the weight was rotated offline, so every
+        # input must be rotated too; written as a compressed-tensors transform_config
+        self.input_rotation: int | None = None
         if mode == "fake":
             self._dense = self.dequantized_weight(compute_dtype)
 
@@ -117,6 +147,8 @@ class QLinear(nn.Module):
         return self._choices[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation:
+            x = rotate_input(x, self.input_rotation)
         if self._dense is not None:  # fake mode
             if self.act_format is not None:
                 x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
@@ -158,6 +190,7 @@ class QLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, weight={self.weight_format}, "
             f"act={self.act_format}, mode={self.mode}, kernel={self.kernel.name}"
+            + (f", input_rotation={self.input_rotation}" if self.input_rotation else "")
         )
 
 
@@ -178,7 +211,7 @@ def quantize_linear(
     qw = fmt.quantize(linear_weight(linear).detach().contiguous(), global_scale=global_scale)
     if Conv1D and isinstance(linear, Conv1D):
         qw.meta["conv1d"] = True  # GPT-2 layout: the checkpoint writer must know
-    return QLinear(
+    q = QLinear(
         qw,
         linear.bias,
         mode=mode,
@@ -186,3 +219,5 @@ def quantize_linear(
         input_global_scale=input_global_scale,
         compute_dtype=compute_dtype or linear.weight.dtype,
     )
+    q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
+    return q

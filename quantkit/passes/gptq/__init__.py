@@ -50,11 +50,14 @@ class Gptq(Quantize):
     def run_block(self, blk, ctx) -> None:
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
                  if not isinstance(blk.model.get_submodule(n), QLinear)]
-        if not names:
-            return
-        ctx.scratch[self._key()]["hessians"] = self._hessians(blk, names)
-        self._quantize_names(blk.model, ctx, names)
-        ctx.scratch[self._key()].pop("hessians", None)
+        if names:
+            ctx.scratch[self._key()]["hessians"] = self._hessians(blk, names)
+            self._quantize_names(blk.model, ctx, names)
+            ctx.scratch[self._key()].pop("hessians", None)
+        # fused MoE experts after the block's linears, from inputs that went through them quantized
+        from quantkit.passes.gptq.experts import gptq_block_experts
+
+        gptq_block_experts(self, blk, ctx)
 
     def run_rest(self, model: nn.Module, ctx) -> None:
         prefix = ctx.arch.layers_path + "."

@@ -1,1 +1,94 @@
-"""Block-diagonal Hadamard rotations (math in hadamard.py). The `rotate` pass is not built yet."""
+"""`rotate`: block-diagonal Hadamard rotations before quantization (docs/rotation.md).
+
+Two kinds, both per decoder block (the pass streams):
+  fuse_vo  value/output rotation fused into v_proj and o_proj (fused.py): exact, no online op,
+           the checkpoint stays a plain quantized model that every engine runs.
+  online   weights rotated offline, inputs rotated at run time (online.py): written as a
+           compressed-tensors transform_config (export/ct_transform.py). transformers 5 ignores
+           transform_config on load, so only quantkit's runtime (and vLLM) serve it correctly.
+
+The math is in hadamard.py. The residual-stream rotation (QuaRot/SpinQuant R1) is not built: it
+touches the embeddings, every norm and the head at once (whole-model execution).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from quantkit.passes.base import Pass, register_pass
+from quantkit.passes.rotate.fused import fuse_value_output
+from quantkit.passes.rotate.hadamard import RotationError
+from quantkit.passes.rotate.online import attach_online_rotation
+from quantkit.targets import Targets
+
+
+@register_pass
+class Rotate(Pass):
+    """Block-diagonal Hadamard rotations of linear inputs (fused v/o, and optional online transforms)."""
+
+    name: ClassVar[str] = "rotate"
+    summary: ClassVar[str] = "block-diagonal Hadamard rotations: fused value/output, optional online input transforms"
+    provides: ClassVar[frozenset[str]] = frozenset({"rotated"})
+    execution: ClassVar[str] = "block"
+
+    block_size: int = Field(32, gt=0)  # Hadamard block (power of two dividing each rotated input dim)
+    fuse_vo: bool = True  # rotate v_proj's output and o_proj's input per head (offline, exact)
+    online: bool = False  # also rotate the inputs of `targets` at run time (compressed-tensors transform_config)
+    targets: Targets = Targets()  # the linears that get an online input rotation
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"Hadamard block size must be a power of two, got {v}")
+        return v
+
+    def _key(self) -> str:
+        return f"{self.name}:{id(self)}"
+
+    def begin(self, ctx) -> None:
+        if ctx.quantized:  # a direct call (recipes are refused earlier): QLinear codes cannot be rotated
+            raise RotationError("rotate: the model is already quantized; put the rotate pass before quantize/gptq")
+        names = self.targets.select(ctx.model, ctx.arch) if self.online else []
+        ctx.scratch[self._key()] = {"online": names, "fused": 0, "rotated": 0}
+
+    def run_block(self, blk, ctx) -> None:
+        state, arch = ctx.scratch[self._key()], ctx.arch
+        fused_o = None
+        if self.fuse_vo:
+            try:
+                v, o = arch.module_name(blk.index, "v"), arch.module_name(blk.index, "o")
+            except KeyError:
+                raise RotationError(f"rotate: fuse_vo needs separate v and o projections; {arch.model_type} "
+                                    "has none in block {blk.index} (set fuse_vo: false)") from None
+            fuse_value_output(blk.model.get_submodule(v), blk.model.get_submodule(o), arch.head_dim, self.block_size)
+            state["fused"] += 1
+            fused_o = o
+        for name in blk.select(state["online"]):
+            if name == fused_o:
+                continue  # its input is already rotated by the fused R; a second R would undo it (R R = I)
+            attach_online_rotation(name, blk.model.get_submodule(name), self.block_size)
+            state["rotated"] += 1
+
+    def finish(self, ctx) -> None:
+        state = ctx.scratch[self._key()]
+        ctx.record(self.name, block_size=self.block_size, fused_vo_blocks=state["fused"],
+                   online_linears=state["rotated"])
+
+
+def check_recipe(passes: list, save: bool, layout: str) -> str | None:
+    """Why this recipe's rotations cannot be run or stored, or None (recipe validation)."""
+    rotations = [i for i, p in enumerate(passes) if p.name == Rotate.name]
+    if not rotations:
+        return None
+    if len(rotations) > 1:
+        return "one rotate pass per recipe (a second rotation would compose with the first)"
+    first = rotations[0]
+    if any("quantized" in p.provided_facts() for p in passes[:first]):
+        return "rotate must come before the passes that quantize (it rotates dense weights)"
+    if save and passes[first].online and layout != "compressed-tensors":
+        return (f"online rotations are stored as a compressed-tensors transform_config, but this recipe writes a "
+                f"{layout} checkpoint; quantize the rotated linears, set online: false, or output.save: false")
+    return None

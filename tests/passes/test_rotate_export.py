@@ -1,0 +1,116 @@
+"""Rotated checkpoints: fused rotations reload in plain transformers; online rotations are written as
+compressed-tensors writes them and applied by quantkit's runtime (transformers 5 ignores them)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from quantkit.api import save_output
+from quantkit.arch import arch_info
+from quantkit.context import Context
+from quantkit.export.ct_reader import load_ct_checkpoint
+from quantkit.export.ct_transform import attach_online_transforms
+from quantkit.nn.qlinear import QLinear
+from quantkit.passes.quantize import Quantize
+from quantkit.passes.rotate import Rotate
+from quantkit.verify import verify_checkpoint
+from tests.tiny_models import tiny_model
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+class _NoTokenizer:
+    def save_pretrained(self, path):
+        pass
+
+
+def _quantized(tmp_path, *, online: bool, fmt: str = "nvfp4", fuse_vo: bool = True):
+    # compressed-tensors decompresses FP4 to bf16, so the model is bf16 as in test_ct_roundtrip
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ctx = Context(model=model, tokenizer=None, arch=arch_info(model), device=torch.device("cpu"))
+    Rotate(block_size=16, fuse_vo=fuse_vo, online=online).run(model, ctx)
+    Quantize(format=fmt, mode="fake").run(model, ctx)
+    save_output(model, _NoTokenizer(), tmp_path)
+    return model
+
+
+def _logprobs(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(IDS).logits.float(), -1)
+
+
+def test_fused_rotation_checkpoint_has_no_transform_and_reloads_in_transformers_bitwise(tmp_path):
+    model = _quantized(tmp_path, online=False)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["transform_config"] == {}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logprobs(loaded), _logprobs(model))
+    assert verify_checkpoint(tmp_path).ok
+
+
+def test_online_rotation_is_written_as_llm_compressor_quip_writes_it(tmp_path):
+    from compressed_tensors.transform import TransformConfig
+
+    _quantized(tmp_path, online=True, fuse_vo=False)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    scheme = TransformConfig.model_validate(qc["transform_config"]).config_groups["v"]
+    assert scheme.type == "hadamard" and scheme.head_dim == 16 and not scheme.randomize
+    assert [(a.location, a.inverse, a.targets, a.ignore) for a in scheme.apply] == [
+        ("input", False, ["Linear"], ["lm_head"]), ("weight_input", True, ["Linear"], ["lm_head"])]
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = [k for k in f.keys() if k.endswith(".v_input.weight")]
+        h = f.get_tensor("model.layers.0.mlp.down_proj.v_input.weight")
+    assert len(names) == 2 * 7  # one matrix per rotated linear, as compressed-tensors registers them
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    assert torch.equal(h, deterministic_hadamard_matrix(16, torch.float32))
+
+
+def test_with_fuse_vo_o_proj_is_written_without_an_online_transform(tmp_path):
+    _quantized(tmp_path, online=True, fuse_vo=True)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    args = qc["transform_config"]["config_groups"]["v"]["apply"][0]
+    assert "model.layers.0.self_attn.o_proj" not in args["targets"] and "model.layers.0.mlp.down_proj" in args["targets"]
+
+
+def test_quantkit_runtime_reads_online_rotations_and_matches_the_in_memory_model(tmp_path):
+    model = _quantized(tmp_path, online=True, fuse_vo=False)
+    back = load_ct_checkpoint(tmp_path, torch.bfloat16)
+    assert all(m.input_rotation == 16 for m in back.modules() if isinstance(m, QLinear))
+    assert torch.equal(_logprobs(back), _logprobs(model))
+
+
+def test_transformers_ignores_the_transform_and_attach_fixes_it(tmp_path):
+    model = _quantized(tmp_path, online=True, fuse_vo=False)
+    ours = _logprobs(model)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    plain = _logprobs(loaded)
+    # the documented gap: without the online rotation the outputs are far off
+    assert (plain - ours).abs().max() > 0.5
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert attach_online_transforms(loaded, qc) == 2 * 7
+    assert torch.equal(_logprobs(loaded), ours)
+
+
+def test_verify_cheap_checks_pass_and_the_transformers_run_is_flagged(tmp_path):
+    _quantized(tmp_path, online=True, fuse_vo=False)
+    assert verify_checkpoint(tmp_path, cheap=True).ok
+    full = verify_checkpoint(tmp_path)
+    assert not full.ok and any(f.check == "run.runtime" for f in full.errors)
+
+
+def test_a_rotated_linear_left_unquantized_is_refused_by_the_writer(tmp_path):
+    from quantkit.errors import QuantkitError
+    from quantkit.targets import Targets
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ctx = Context(model=model, tokenizer=None, arch=arch_info(model), device=torch.device("cpu"))
+    Rotate(block_size=16, fuse_vo=False, online=True).run(model, ctx)
+    Quantize(format="nvfp4", targets=Targets(roles=["q", "k", "v", "o"])).run(model, ctx)
+    with pytest.raises(QuantkitError, match="not quantized"):
+        save_output(model, _NoTokenizer(), tmp_path)
