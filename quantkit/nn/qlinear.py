@@ -81,6 +81,9 @@ class QLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self._choices: dict[tuple[torch.device, torch.dtype], Choice] = {}
         self._kcache: dict[str, torch.Tensor] = {}  # kernel-specific derived tensors, not in state_dict
+        # "int4_cpu": weight_codes were converted in place to torch's CPU int4 layout on the first
+        # int4pack_mm forward (one resident copy); qweight and state_dict give the canonical codes back
+        self._codes_layout = "canonical"
         # online Hadamard block size (the `rotate` pass): the weight was rotated offline, so every
         # input must be rotated too; written as a compressed-tensors transform_config
         self.input_rotation: int | None = None
@@ -89,9 +92,12 @@ class QLinear(nn.Module):
 
     @property
     def qweight(self) -> QTensor:
+        codes = self.weight_codes
+        if self._codes_layout == "int4_cpu":
+            codes = k_int4.unpack_from_cpu(codes, self.out_features, self.in_features)
         return QTensor(
             self.weight_format,
-            self.weight_codes,
+            codes,
             self.weight_scale,
             (self.out_features, self.in_features),
             self.weight_global_scale,
@@ -175,16 +181,28 @@ class QLinear(nn.Module):
         if kernel == "int4pack_mm":
             group = self.qmeta.get("group") or self.in_features
             key = f"int4pack_{x.dtype}"
-            if "int4pack" not in self._kcache:  # built on first use: models that never run stay packed once
-                self._kcache["int4pack"] = k_int4.pack_for_cpu(self.weight_codes)
+            if self._codes_layout != "int4_cpu":  # converted once, in place: the canonical copy is not kept
+                self._buffers["weight_codes"] = k_int4.pack_for_cpu(self.weight_codes)
+                self._codes_layout = "int4_cpu"
             if key not in self._kcache:
                 self._kcache[key] = k_int4.scales_and_zeros(self.weight_scale, x.dtype)
-            return k_int4.int4_linear(x, self._kcache["int4pack"], group, self._kcache[key], self)
+            return k_int4.int4_linear(x, self.weight_codes, group, self._kcache[key], self)
         if kernel.startswith("scaled_mm_"):
             return k_cuda.fp4_scaled_mm(x, self, get_format(self.weight_format))
         if self.act_format is not None:  # fake_act_tiled
             x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
         return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale, fp32=kernel == "tiled_f32")
+
+    # state_dict and load_state_dict always speak canonical codes, whatever layout is resident
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._codes_layout == "int4_cpu" and prefix + "weight_codes" in destination:
+            destination[prefix + "weight_codes"] = self.qweight.codes
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight_codes" in state_dict:
+            self._codes_layout = "canonical"
 
     def extra_repr(self) -> str:
         return (

@@ -129,6 +129,8 @@ class Quantize(Pass):
         rest = [n for n in ctx.scratch[self._key()]["names"] if not n.startswith(prefix)]
         if rest and self.weighting != "none":  # no block inputs reach e.g. lm_head: say so rather than guess
             ctx.scratch[self._key()]["unweighted"] = rest
+        if untie_quantized_head(model, rest):
+            ctx.scratch[self._key()]["untied"] = True
         self._quantize_names(model, ctx, rest)
 
     def _quantize_names(self, model: nn.Module, ctx, names: list[str]) -> None:
@@ -178,6 +180,7 @@ class Quantize(Pass):
             modules=state["modules"],
             weight_bytes_before=state["bytes_before"],
             weight_bytes_after=state["bytes_after"],
+            **({"untied_word_embeddings": True} if state.get("untied") else {}),
             **self._report_extra(ctx),
         )
 
@@ -191,6 +194,26 @@ class Quantize(Pass):
 
     def work_units(self, ctx) -> int:
         return 0
+
+
+def untie_quantized_head(model: nn.Module, names: list[str]) -> bool:
+    """A tied model whose output head is among `names`: mark it untied; -> whether it was tied.
+
+    The head gets its own codes while the input embeddings stay full precision, so the two are
+    different tensors: the saved config must say tie_word_embeddings false and the checkpoint holds
+    both (what llm-compressor writes, and what vLLM and transformers load). A config left tied would
+    make engines drop the quantized head or load the embeddings in its place.
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return False
+    head = model.get_output_embeddings()
+    if head is None or not any(model.get_submodule(n) is head for n in names):
+        return False
+    for c in {id(config): config, id(text): text}.values():
+        c.tie_word_embeddings = False
+    return True
 
 
 # -- fused MoE experts (issue 14; nn/qexperts.py, nn/expert_stats.py) ---------------------------------
