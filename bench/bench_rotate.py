@@ -6,7 +6,7 @@ every comparison: bf16 matmuls are 6-8x slower on this CPU). Data as bench_fp4_q
 calibration articles split by article into calibration (3 of 4) and development (every 4th);
 the block size is chosen on the development perplexity, the held-out split is reported only.
 
-Row kinds per scheme:
+Row kinds per scheme (run in this order across schemes: rtn and onlineB, fused64, +gptq, gptq):
   rtn             quantize, no rotation
   gptq            gptq (damping 0.01), no rotation
   fused64         rotate fuse_vo only (block 64 = head_dim): no online op, any engine serves it
@@ -148,14 +148,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     add(bf16_row(args.windows, dev))
     blocks = [int(b) for b in args.blocks.split(",")]
-    for scheme in args.schemes.split(","):
+    schemes = args.schemes.split(",")
+    # cheapest and most informative rows first (the shared machine may not finish the run)
+    for scheme in schemes:
         add(run_config(scheme, "rtn", 0, args.windows, dev, calib))
-        add(run_config(scheme, "fused64", 64, args.windows, dev, calib))
         online = [add(run_config(scheme, f"online{b}", b, args.windows, dev, calib)) for b in blocks]
-        best = min(online, key=lambda r: r["dev_ppl"])["block"]  # chosen on dev only
-        out["chosen"][scheme] = best
-        if not args.no_gptq:
+        out["chosen"][scheme] = min(online, key=lambda r: r["dev_ppl"])["block"]  # chosen on dev only
+    for scheme in schemes:
+        add(run_config(scheme, "fused64", 64, args.windows, dev, calib))
+    if not args.no_gptq:
+        for scheme in schemes:
+            best = out["chosen"][scheme]
             add(run_config(scheme, f"online{best}+gptq", best, args.windows, dev, calib))
+        for scheme in schemes:
             add(run_config(scheme, "gptq", 0, args.windows, dev, calib))
     return out
 
