@@ -254,19 +254,21 @@ def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.d
 
 
 def _side_by_side(model, tokenizer, arch, recipe: Recipe, dev, report: Report, progress: ProgressFactory):
-    from quantkit.stream.evaluation import SideBySide, sized_windows
+    from quantkit.stream.evaluation import SideBySide, compute_dtype_for, sized_windows
 
     ev = recipe.eval
     n_params = sum(p.numel() for p in model.parameters())
     n = sized_windows(ev.max_windows, ev.seq_len, n_params)
     windows = eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=n)
     flops = 2 * 2 * n_params * windows.numel()  # two streams, 2 FLOP per parameter per token
+    dtype = compute_dtype_for(ev.compute_dtype, next(model.parameters()).dtype, dev)
     report.details["eval_plan"] = {"windows": int(windows.shape[0]), "seq_len": ev.seq_len,
-                                   "approx_tflop": round(flops / 1e12, 2), "kl": bool(ev.kl_samples)}
+                                   "approx_tflop": round(flops / 1e12, 2), "kl": bool(ev.kl_samples),
+                                   "compute_dtype": str(dtype).removeprefix("torch.")}
     with progress(f"evaluation: {windows.shape[0]} held-out windows x {ev.seq_len} tokens, two streams, "
-                  f"~{flops / 1e12:.1f} TFLOP", 0):
+                  f"~{flops / 1e12:.1f} TFLOP in {str(dtype).removeprefix('torch.')}", 0):
         ev_obj = SideBySide(model, list(arch.layers(model)), windows, recipe.calib.batch_size, dev,
-                            kl=bool(ev.kl_samples))
+                            kl=bool(ev.kl_samples), compute_dtype=dtype)
     ev_obj.n_windows = int(windows.shape[0])
     return ev_obj
 

@@ -33,7 +33,10 @@ class EvalConfig(BaseModel):
 
     enabled: bool = True
     seq_len: int = Field(512, ge=2)
-    max_windows: int | None = Field(64, ge=1)
+    max_windows: int | None = Field(16, ge=1)
+    # arithmetic of the in-stream evaluation: auto = fp32 for a 16-bit model on a CPU (exact
+    # weights, 3-8x faster than bf16 matmuls on CPUs without native bf16), the model's dtype on GPUs
+    compute_dtype: Literal["auto", "model", "float32"] = "auto"
     # mean token KL vs the original on held-out windows; 0 disables it. In the block loop it covers
     # every evaluation window (exact); with whole-model passes, the first kl_samples (top-k reference)
     kl_samples: int = Field(8, ge=0)

@@ -141,7 +141,8 @@ def test_eval_in_stream_matches_separate_evaluation(arch_dirs, tmp_path):
     from quantkit.api import evaluate
 
     recipe = load_recipe("int8-w8a16", overrides=["calib.n_samples=2", "calib.seq_len=32",
-                                                  "eval.seq_len=64", "eval.max_windows=3"])
+                                                  "eval.seq_len=64", "eval.max_windows=3",
+                                                  "eval.compute_dtype=model"])  # bf16, as `quantkit eval` runs
     rep = apply(recipe, str(arch_dirs["llama"]), output=tmp_path / "q", execution="streaming")
     before = evaluate(str(arch_dirs["llama"]), seq_len=64, max_windows=3)
     after = evaluate(str(tmp_path / "q"), seq_len=64, max_windows=3)
