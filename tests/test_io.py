@@ -2,6 +2,7 @@
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import OutputExistsError
-from quantkit.io import MARKER, OutputPathError, atomic_dir, check_output, clean_stale
+from quantkit.io import MARKER, OutputPathError, atomic_dir, atomic_write_text, check_output, clean_stale
 
 
 def _write(path: Path, force: bool = False, name: str = "a.txt", text: str = "new") -> None:
@@ -131,3 +132,16 @@ def test_a_swap_killed_between_renames_is_undone(tmp_path):
     out.rename(tmp_path / f".out.old-{int(dead.stdout)}")
     clean_stale(out)
     assert (out / "a.txt").read_text() == "previous"
+
+
+def test_outputs_get_ordinary_permissions_not_private_temp_ones(tmp_path):
+    """mkdtemp/mkstemp create 0700/0600; a checkpoint others (a server, a container) read must follow the umask."""
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "w.bin").write_bytes(b"x")
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
