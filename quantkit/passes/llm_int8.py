@@ -72,6 +72,7 @@ class LlmInt8(Pass):
         return names
 
     def begin(self, ctx) -> None:
+        _refuse_experts(self, ctx)
         measure = ctx.calib is not None and not math.isinf(self.threshold)
         ctx.scratch[self.name] = {"names": self.select(ctx.model, ctx), "measure": measure, "layers": {},
                                   "macs_total": 0.0, "macs_16bit": 0.0}
@@ -160,3 +161,23 @@ class LlmInt8(Pass):
 
     def work_units(self, ctx) -> int:
         return 0
+
+
+def _refuse_experts(p: LlmInt8, ctx) -> None:
+    """Fused MoE experts are refused rather than silently left in 16 bits (docs/architectures.md).
+
+    LLM.int8's decomposition finds outlier feature columns in each matmul's input over the whole
+    batch and runs those columns in 16 bits. Inside a fused experts module there is no such
+    matmul: each expert multiplies its own routed subset of tokens in a grouped kernel, so the
+    outlier set would differ per expert and per batch, and neither bitsandbytes nor any serving
+    engine implements that decomposition for grouped experts (bitsandbytes replaces nn.Linear only).
+    """
+    from quantkit.errors import RecipeError
+    from quantkit.nn.qexperts import select_experts
+
+    experts = select_experts(p.targets, ctx.model, ctx.arch)
+    if experts:
+        more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
+        raise RecipeError(f"llm_int8 cannot decompose fused MoE experts ({experts[0]}{more}): use an int8 "
+                          "recipe such as int8-w8a16 for MoE models, or leave the experts in 16 bits with "
+                          "`targets: {exclude: ['*.experts']}` on this pass")
