@@ -189,3 +189,21 @@ def test_pass_passes_act_order_and_weighting_to_the_solver():
     assert not torch.equal(q.dequantized_weight(), plain.model.layers[0].mlp.down_proj.dequantized_weight())
     assert q.qweight.codes.shape == plain.model.layers[0].mlp.down_proj.qweight.codes.shape
     del ref
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_fast_column_rounding_equals_the_formats_qdq(name):
+    from quantkit.passes.gptq.solver import _column_rounder, _qdq_column
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 4 * fmt.block, generator=g) * torch.logspace(-3, 2, 64)[:, None]
+    w[:3, : fmt.block] = 0  # zero blocks: zero scale
+    gs = fmt.weight_global_scale(w)
+    scales = fmt.quantize(w, gs).scale  # [64, 4]
+    cols = torch.randn(64, 4 * fmt.block, generator=g) * 3  # GPTQ-updated columns: not the scale's own block
+    col_scales = scales[:, torch.arange(4 * fmt.block) // fmt.block]
+    fast = _column_rounder(fmt, col_scales, gs)
+    for i in range(cols.shape[1]):
+        ref = _qdq_column(fmt, cols[:, i], col_scales[:, i], gs)
+        assert torch.equal(torch.nan_to_num(fast(cols[:, i], i), nan=7.0), torch.nan_to_num(ref, nan=7.0)), i
