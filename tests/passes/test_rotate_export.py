@@ -114,3 +114,21 @@ def test_a_rotated_linear_left_unquantized_is_refused_by_the_writer(tmp_path):
     Quantize(format="nvfp4", targets=Targets(roles=["q", "k", "v", "o"])).run(model, ctx)
     with pytest.raises(QuantkitError, match="not quantized"):
         save_output(model, _NoTokenizer(), tmp_path)
+
+
+def test_rotate_streams_with_the_same_bytes_as_whole_model_execution(tiny_llama_dir, tmp_path):
+    from quantkit.api import apply
+    from quantkit.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "name": "rotate-nvfp4", "calib": {"n_samples": 2, "seq_len": 32, "batch_size": 2}, "eval": {"enabled": False},
+        "passes": [{"pass": "rotate", "block_size": 16, "fuse_vo": True, "online": True},
+                   {"pass": "quantize", "format": "nvfp4", "mode": "real"}]})
+    files = {}
+    for mode in ("whole", "streaming"):
+        apply(recipe, str(tiny_llama_dir), output=tmp_path / mode, execution=mode)
+        files[mode] = {p.name: p.read_bytes() for p in sorted((tmp_path / mode).iterdir())
+                       if p.suffix == ".safetensors" or p.name == "config.json"}
+    assert files["whole"] == files["streaming"]
+    qc = json.loads(files["streaming"]["config.json"])["quantization_config"]
+    assert qc["transform_config"]["config_groups"]["v"]["head_dim"] == 16
