@@ -18,6 +18,8 @@ SourceOpt = Annotated[str | None, typer.Option(
     "--source", help="the unquantized model (hub id, directory, GGUF or alias): compare every layer with it")]
 CheapOpt = Annotated[bool, typer.Option("--cheap", help="config, tensor headers and scales only; no load or forward")]
 LmHeadOpt = Annotated[bool, typer.Option("--allow-quantized-lm-head", help="a quantized lm_head is intended")]
+EvalOpt = Annotated[int, typer.Option("--eval-windows", help="with --source: perplexity and KL vs the source on N "
+                                      "held-out windows (0: off); a KL above the documented threshold warns")]
 
 
 def verify(
@@ -25,6 +27,7 @@ def verify(
     source: SourceOpt = None,
     cheap: CheapOpt = False,
     allow_quantized_lm_head: LmHeadOpt = False,
+    eval_windows: EvalOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Check a checkpoint: config, tensors, shapes, that it runs, and (with --source) every layer's error."""
@@ -32,7 +35,7 @@ def verify(
         from quantkit.verify import VerifyFailed, verify_checkpoint
 
         result = verify_checkpoint(checkpoint, source=source, cheap=cheap,
-                                   allow_quantized_lm_head=allow_quantized_lm_head)
+                                   allow_quantized_lm_head=allow_quantized_lm_head, eval_windows=eval_windows)
         _print(result)
         outcome.report = result.to_dict()
         if not result.ok:
@@ -62,5 +65,10 @@ def _print(result) -> None:
     if src:
         console.print(f"vs source: median relative error {src['median_rel_err']:.4g}, max {src['max_rel_err']:.4g} "
                       f"over {len(src['layers'])} layers", highlight=False, markup=False)
+    ev = result.info.get("eval")
+    if ev:
+        console.print(f"vs source on {ev['windows']} held-out windows of {ev['seq_len']} tokens: perplexity "
+                      f"{ev['ppl_source']:.3f} -> {ev['ppl_checkpoint']:.3f} ({ev['ppl_increase_pct']:+.1f}%), mean "
+                      f"token KL {ev['kl']:.4g} (warns above {ev['kl_warn']})", highlight=False, markup=False)
     if result.ok:
         console.print(f"ok {result.summary()}", highlight=False, markup=False)

@@ -24,8 +24,17 @@ def verify_checkpoint(
     run: bool = True,
     cheap: bool = False,
     allow_quantized_lm_head: bool = False,
+    eval_windows: int = 0,
 ) -> VerifyResult:
-    """Check a compressed-tensors or quantkit-layout checkpoint; bad input raises VerifyInputError."""
+    """Check a compressed-tensors or quantkit-layout checkpoint; bad input raises VerifyInputError.
+
+    ``eval_windows`` > 0 (needs ``source``): perplexity and KL against the source on that many
+    held-out windows (eval_checks.py).
+    """
+    if eval_windows and source is None:
+        raise VerifyInputError("--eval-windows compares against the source model: pass --source too")
+    if eval_windows < 0:
+        raise VerifyInputError(f"--eval-windows must be 0 (off) or a positive number of windows, not {eval_windows}")
     from quantkit.verify.config_checks import check_config
     from quantkit.verify.layout_checks import check_quantkit_layout
     from quantkit.verify.run_checks import check_runs
@@ -55,4 +64,8 @@ def verify_checkpoint(
         check_runs(ckpt, result, dynamic_int_acts=dynamic_int)
     if source is not None and plan is not None:
         check_source(ckpt, result, plan, source)
+    if eval_windows and source is not None:
+        from quantkit.verify.eval_checks import check_eval
+
+        check_eval(ckpt, result, source, eval_windows)
     return result
