@@ -15,13 +15,18 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from quantkit.formats import get_format
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, provenance_markdown  # noqa: E402
+from quantkit.formats import get_format  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    prov = provenance("bench/bench_formats.py", argv)
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     nbytes = w.numel() * w.element_size()
     peers = {"quantkit": _quantkit_ops(w), "compressed-tensors": _ct_ops(w), "torchao": _torchao_ops(w)}
@@ -111,13 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"op": op, "impl": peer, "seconds": round(t, 4), "gb_per_s": round(nbytes / t / 1e9, 3),
                          "quantkit_speedup": round(t / ours, 2)})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"shape": [args.size, args.size], "dtype": "bfloat16", "device": "cpu",
+    out = {"provenance": prov, "loadavg_end": os.getloadavg(),
+           "shape": [args.size, args.size], "dtype": "bfloat16", "device": "cpu",
            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "torch": torch.__version__, "load_average_1m": round(os.getloadavg()[0], 1), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "formats.json").write_text(json.dumps(out, indent=2))
     lines = [f"# FP4 quantize+pack / dequantize throughput, {args.size}x{args.size} bf16, CPU "
              f"({out['threads']} threads, best of {args.repeats}, load average {out['load_average_1m']})", "",
+             *provenance_markdown(prov, out["loadavg_end"]),
              "| op | implementation | seconds | GB/s (bf16 in) | quantkit speedup |", "|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['impl']} | {r['seconds']} | {r['gb_per_s']} | {r['quantkit_speedup']}x |" for r in rows]
     (RESULTS / "formats.md").write_text("\n".join(lines) + "\n")

@@ -19,15 +19,21 @@ import copy
 import json
 import logging
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantkit.arch import arch_info
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, provenance_markdown  # noqa: E402
+from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import load_calib
 from quantkit.context import Context
 from quantkit.eval import perplexity
@@ -178,6 +184,8 @@ def _markdown(result: dict) -> str:
     out = [f"# LLM.int8(): quantkit vs bitsandbytes {result['bitsandbytes']} (CPU)", ""]
     out.append(f"Machine: {result['machine']}, torch {result['torch']}. Measured in one run; the CPU "
                "was shared with other jobs.")
+    if result.get("provenance"):
+        out += ["", *provenance_markdown(result["provenance"], result["loadavg_end"])]
     if result.get("perplexity"):
         out += ["", f"## SmolLM2-135M perplexity ({result['windows']} x {SEQ_LEN}-token held-out windows; "
                 f"static columns and int8 shares from {result.get('calib_samples')} x {SEQ_LEN} calibration tokens)", "",
@@ -214,10 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    prov = provenance("bench/bench_llm_int8.py", argv)
     default_threads = torch.get_num_threads()
     bnb = _quiet_bnb()
     result = {
+        "provenance": prov,
         "bitsandbytes": bnb.__version__, "torch": torch.__version__, "threads": args.threads,
         "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}", "windows": args.windows,
         "reps": args.reps,
@@ -243,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                     result["threads"], result["reps"] = old.get("threads"), old.get("reps")
                 else:
                     result["windows"], result["calib_samples"] = old.get("windows"), old.get("calib_samples")
+    result["loadavg_end"] = os.getloadavg()
     (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{NAME}.md").write_text(_markdown(result))
     return result

@@ -13,6 +13,7 @@ Perplexity on the held-out text (eval_windows, limited windows) and mean KL(p_re
 token on the same windows, both from one forward per configuration.
 
     python bench/bench_masa.py [--windows 8] [--residual-share 0.5] [--budgets 0.1,0.2]
+    python bench/bench_masa.py --preset masa_ablation      (a named configuration: PRESETS)
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quantkit.passes.masa import fit as mm
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, provenance_markdown  # noqa: E402
+from quantkit.passes.masa import fit as mm  # noqa: E402
 from quantkit.arch import arch_info
 from quantkit.calib import load_calib
 from quantkit.context import Context
@@ -45,6 +52,22 @@ ROLES = ("q", "k", "v", "o")
 SEQ_LEN, BATCH = 512, 4
 CALIB_SAMPLES = 4  # 2048 tokens: enough for damped Grams of 576-wide inputs
 DAMP = 1e-2
+_ALL_BUDGETS = ",".join(f"{b:.4f}" for b in BUDGETS)
+# the configurations behind each committed results file (bench/results/<name>.*): each one is
+# `--preset <name>`, so every file comes from a command; 4 windows keeps a run within the hour on
+# the shared 2-core machine
+PRESETS = {
+    "masa": {"windows": 4, "budgets": _ALL_BUDGETS, "methods": "svd,svd-whitened,pca,pca+refine"},
+    "masa_ablation": {"windows": 4, "budgets": "0.2", "methods": ";".join([
+        "svd-whitened", "pca+refine", "pca+refine:residual_share=0.25", "pca+refine:residual_share=0.75",
+        "pca+refine:refit=false", "pca+refine:allocation=greedy",
+        "pca+refine:grouping=kl,n_groups=3,kl_max_tokens=512"])},
+    "masa_ablation2": {"windows": 4, "budgets": "0.2", "methods": ";".join([
+        "svd-whitened", "pca+refine:allocation=greedy,refit=false", "pca+refine:allocation=greedy,residual_share=0.75",
+        "pca+refine:allocation=greedy,refit=false,residual_share=0.75"])},
+    "masa_best": {"windows": 4, "budgets": _ALL_BUDGETS,
+                  "methods": "svd-whitened;pca+refine:allocation=greedy,refit=false"},
+}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -159,6 +182,8 @@ def write_markdown(res: dict, path: Path) -> None:
             f"{row['kl']:.4f} | {ratio(row, 'svd', 'ppl')} | {ratio(row, 'svd-whitened', 'ppl')} | "
             f"{ratio(row, 'svd-whitened', 'kl')} |"
         )
+    if res.get("provenance"):
+        lines += ["", *provenance_markdown(res["provenance"], res["loadavg_end"])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -195,7 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     # 1 thread: on a shared CPU, OpenMP threads spin-waiting on each other made a 576x576 SVD
     # 40x slower with 2 threads (8 s) than with 1 (0.2 s) in this project's runs
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a committed configuration (sets windows, budgets, "
+                   "methods and name)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+        args.name = args.preset
+    prov = provenance("bench/bench_masa.py", argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -223,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{ratio:.3f} {method:13s} red={info['reduction']:.4f} ppl={ppl:.3f} kl={kl:.4f} "
                   f"fit={info['fit_s']:.0f}s eval={info['eval_s']:.0f}s", flush=True)
     res = {
+        "provenance": prov,
         "model": "SmolLM2-135M-Instruct (smollm2-135m, fp32)",
         "windows": int(windows.shape[0]),
         "seq_len": SEQ_LEN,
@@ -235,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "total_s": time.perf_counter() - t_start,
+        "loadavg_end": os.getloadavg(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2))

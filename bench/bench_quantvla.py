@@ -16,14 +16,20 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quantkit.arch import arch_info
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, provenance_markdown  # noqa: E402
+from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import load_calib
 from quantkit.context import Context
 from quantkit.eval import eval_windows
@@ -90,6 +96,7 @@ def summary(ctx: Context) -> dict:
 
 def write(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    meta["loadavg_end"] = os.getloadavg()
     (RESULTS / "quantvla.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         "# QuantVLA ATM + OHB on SmolLM2-135M (scope llm)",
@@ -109,7 +116,8 @@ def write(rows: list[dict], meta: dict) -> None:
             f"| {r['format']} | {r['variant']} | {r['kl']:.4f} | {r['kl_ratio']:.3f} | {r['ppl']:.3f} | "
             f"{r['ppl_ratio']:.4f} | {a_txt} | {b_txt} | {r['calib_seconds']:.0f} |"
         )
-    lines += ["", f"Machine: {meta['machine']}; total {meta['seconds']:.0f} s.", ""]
+    lines += ["", f"Machine: {meta['machine']}; total {meta['seconds']:.0f} s.  ",
+              *provenance_markdown(meta["provenance"], meta["loadavg_end"])]
     (RESULTS / "quantvla.md").write_text("\n".join(lines))
 
 
@@ -121,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    prov = provenance("bench/bench_quantvla.py", argv)
     started = time.perf_counter()
     torch.manual_seed(0)
 
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                        stats={"act_amax": base.stats["act_amax"], "quantvla": dict(teacher_cache)})
 
     meta = {
+        "provenance": prov,
         "model": args.model, "ppl_fp": ppl_fp,
         "calib": f"{args.calib_samples} x {args.calib_len} tokens",
         "eval": f"{windows.shape[0]} x {args.eval_len} tokens",

@@ -320,33 +320,75 @@ def memory_rows(labels: list[str]) -> list[dict]:
 
 
 # -- torch.compile of the W8A8 activation quantization -------------------------------------------
-def compile_rows(rounds: int) -> dict:
-    """Compile time (first call) and per-call CPU time of act_codes, eager vs inductor, and the
-    W8A8 layer with and without it: the data behind QUANTKIT_COMPILE being off by default."""
+COMPILE_LAYERS = [("SmolLM2", "q/o_proj", 576, 576), ("SmolLM2", "down_proj", 576, 1536),
+                  ("Llama-7B", "q/k/v/o_proj", 4096, 4096)]
+
+
+def _interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median CPU ms per call of each fn on x, calls interleaved round by round."""
+    inner = max(1, int(MIN_MEASURE_S / max(_measure(next(iter(fns.values())), x, 1), 1e-6)))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(_measure(fn, x, inner))
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+@torch.inference_mode()
+def compile_rows(rounds: int, argv: list[str]) -> dict:
+    """The data behind QUANTKIT_COMPILE being off by default: inductor's first compile of the
+    per-token activation quantization, eager vs compiled per call, the whole W8A8 layer with and
+    without it, and how many layer calls it takes to win the compile time back."""
     from quantkit.nn.kernels import int8 as k_int8
 
-    out: dict = {"provenance": provenance(["--compile-only"]), "act_quant": [], "layer": []}
-    t0 = time.perf_counter()
+    out: dict = {"provenance": provenance(argv), "act_quant": [], "layer": []}
+    torch._dynamo.reset()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = torch.compile(lambda t: k_int8.act_codes(t, torch.float32), dynamic=True)
-    x = torch.randn(512, 576, dtype=torch.bfloat16)
-    compiled(x)
+    compiled(torch.randn(512, 576, dtype=torch.bfloat16))
     out["first_compile_s"] = round(time.perf_counter() - t0, 1)
+    out["first_compile_cpu_s"] = round(time.process_time() - c0, 1)
     for rows, k in ((1, 576), (512, 576), (1, 4096), (512, 4096)):
         x = torch.randn(rows, k, dtype=torch.bfloat16)
         w0 = time.perf_counter()
         compiled(x)  # dynamic shapes: a new size class may recompile
         first = time.perf_counter() - w0
-        fns = {"eager": lambda x=x: k_int8.act_codes(x, torch.float32), "compiled": lambda x=x: compiled(x)}
-        inner = max(1, int(MIN_MEASURE_S / max(_measure(lambda _: fns["eager"](), x, 1), 1e-6)))
-        times = {k2: [] for k2 in fns}
-        for _ in range(rounds):
-            for k2, fn in fns.items():
-                times[k2].append(_measure(lambda _, fn=fn: fn(), x, inner))
-        med = {k2: statistics.median(v) * 1e3 for k2, v in times.items()}
+        med = _interleaved({"eager": lambda t: k_int8.act_codes(t, torch.float32), "compiled": compiled}, x, rounds)
         out["act_quant"].append({"rows": rows, "in": k, "first_call_s": round(first, 2),
                                  "eager_ms": round(med["eager"], 4), "compiled_ms": round(med["compiled"], 4)})
         print(f"  act quant {rows}x{k}: eager {med['eager']:.3f} ms, compiled {med['compiled']:.3f} ms "
               f"(first call {first:.1f} s)", flush=True)
+    # the whole layer as QLinear runs it, QUANTKIT_COMPILE off and on (same module, same inputs)
+    previous = os.environ.get(k_int8.COMPILE_ENV)
+    try:
+        for model, layer, out_f, in_f in COMPILE_LAYERS:
+            torch.manual_seed(0)
+            q = quantize_linear(nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16), "int8", mode="real",
+                                act_format="int8")
+            for rows in (1, 512):
+                x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+
+                def run(t, flag):
+                    os.environ[k_int8.COMPILE_ENV] = flag
+                    return q(t)
+
+                os.environ[k_int8.COMPILE_ENV] = "1"
+                same = torch.equal(q(x), run(x, "0"))  # compiled and eager give the same bits
+                med = _interleaved({"eager": lambda t: run(t, "0"), "compiled": lambda t: run(t, "1")}, x, rounds)
+                gain = med["eager"] - med["compiled"]
+                out["layer"].append({"model": model, "layer": layer, "out": out_f, "in": in_f, "rows": rows,
+                                     "eager_ms": round(med["eager"], 4), "compiled_ms": round(med["compiled"], 4),
+                                     "bitwise_equal": same,
+                                     "calls_to_repay_compile": (round(out["first_compile_cpu_s"] * 1e3 / gain)
+                                                                if gain > 0 else None)})
+                print(f"  W8A8 {model} {layer} x{rows}: {out['layer'][-1]}", flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop(k_int8.COMPILE_ENV, None)
+        else:
+            os.environ[k_int8.COMPILE_ENV] = previous
+    out["compile_failed"] = list(k_int8.compile_failed)
+    out["loadavg_end"] = os.getloadavg()
     return out
 
 
@@ -375,6 +417,12 @@ def markdown(res: dict) -> str:
            f"{'yes' if p['machine']['vnni'] else 'no'}; load average {p['machine']['loadavg_start'][0]:.1f} at start, "
            f"{res['loadavg_end'][0]:.1f} at end (the machine is shared).  ",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v) + ".", ""]
+    runs = res.get("section_runs", {})
+    if runs:
+        out += ["Sections measured by different runs:", ""]
+        out += [f"- {k}: commit `{v['commit'][:12]}`, `{v['command']}`, load average {v['loadavg_start'][0]:.1f} at "
+                f"start" for k, v in runs.items()]
+        out.append("")
     if res.get("layers"):
         out += [f"## Layers: median CPU ms per call, {res['threads']} thread, {res['rounds']} interleaved rounds",
                 "", "Speed-up vs bf16 nn.Linear in brackets (>1 is faster). bf16 input. "
@@ -409,11 +457,22 @@ def markdown(res: dict) -> str:
     if res.get("compile"):
         c = res["compile"]
         out += ["## torch.compile (inductor) of the W8A8 per-token activation quantization", "",
-                f"First compile: {c['first_compile_s']} s (commit `{c['provenance']['commit'][:12]}`, load "
+                f"First compile: {c['first_compile_s']} s wall, {c.get('first_compile_cpu_s', '?')} s CPU (commit "
+                f"`{c['provenance']['commit'][:12]}`, `{c['provenance']['command']}`, load "
                 f"{c['provenance']['machine']['loadavg_start'][0]:.1f}).", "",
                 "| rows x in | eager ms | compiled ms | first call of this size s |", "|---|---|---|---|"]
         for r in c["act_quant"]:
             out.append(f"| {r['rows']}x{r['in']} | {r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['first_call_s']} |")
+        if c.get("layer"):
+            out += ["", "Whole W8A8 layer (QLinear forward), QUANTKIT_COMPILE=0 vs 1, median CPU ms per call:", "",
+                    "| layer | rows | eager ms | compiled ms | bitwise equal | calls to repay the compile CPU time |",
+                    "|---|---|---|---|---|---|"]
+            for r in c["layer"]:
+                repay = "never (not faster)" if r["calls_to_repay_compile"] is None else f"{r['calls_to_repay_compile']:,}"
+                out.append(f"| {r['model']} {r['layer']} {r['out']}x{r['in']} | {r['rows']} | {r['eager_ms']:.3f} | "
+                           f"{r['compiled_ms']:.3f} | {'yes' if r['bitwise_equal'] else 'no'} | {repay} |")
+        if c.get("compile_failed"):
+            out += ["", f"Compile failed: {c['compile_failed'][0]}"]
         out.append("")
     if res.get("memory"):
         out += ["## Memory: SmolLM2-135M in real mode after a 512-token and a 1-token forward (fresh process each)", "",
@@ -463,8 +522,13 @@ def main(argv: list[str] | None = None) -> dict:
         res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"])
     if not args.skip_compile:
         print("compile", flush=True)
-        res["compile"] = compile_rows(args.rounds)
+        res["compile"] = compile_rows(args.rounds, argv)
     res["loadavg_end"] = os.getloadavg()
+    # which run measured each section: a skipped section keeps its rows and its run's provenance
+    res["section_runs"] = {k: {"commit": res["provenance"]["commit"], "command": res["provenance"]["command"],
+                               "loadavg_start": res["provenance"]["machine"]["loadavg_start"],
+                               "loadavg_end": res["loadavg_end"]}
+                           for k in ("layers", "e2e", "memory", "compile") if k in res}
     RESULTS.mkdir(parents=True, exist_ok=True)
     previous = RESULTS / f"{NAME}.json"
     if previous.exists():  # a skipped section keeps its last measured rows (and their provenance)
@@ -472,6 +536,11 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("layers", "goals", "e2e", "memory", "compile"):
             if key not in res and key in old:
                 res[key] = old[key]
+                if key in ("layers", "e2e", "memory", "compile"):
+                    res["section_runs"][key] = old.get("section_runs", {}).get(key) or {
+                        "commit": old["provenance"]["commit"], "command": old["provenance"]["command"],
+                        "loadavg_start": old["provenance"]["machine"]["loadavg_start"],
+                        "loadavg_end": old.get("loadavg_end")}
         if args.skip_layers and "layers" in old:  # the header describes the run that measured the layers
             res["provenance"] = old.get("provenance", res["provenance"])
             res["threads"], res["rounds"], res["windows"] = old.get("threads"), old.get("rounds"), old.get("windows")

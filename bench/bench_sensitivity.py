@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from quantkit.analysis import checks as C
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, provenance_markdown  # noqa: E402
+from quantkit.analysis import checks as C  # noqa: E402
 from quantkit.analysis.budget import (
     CANDIDATES,
     SAME_BITS_CANDIDATES,
@@ -143,6 +149,7 @@ def _checks(results: dict) -> dict[str, dict[str, str]]:
 def _markdown(data: dict) -> str:
     lines = [f"# sensitivity sweep, SmolLM2-135M, {data['samples']} x {data['seq_len']} tokens, {data['machine']}", "",
              f"Run KL from the reference's top-{data.get('kl_topk', '?')} tokens plus one tail bucket.", "",
+             *(provenance_markdown(data["provenance"], data["loadavg_end"]) if data.get("provenance") else []),
              "| format | runs | wall s | CPU s | CPU s / 2 cores | FP PPL | ALL PPL | ALL KL | top component | top block |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for fmt, s in data["sweeps"].items():
@@ -170,6 +177,7 @@ def _markdown(data: dict) -> str:
 
 
 def _save(data: dict) -> None:
+    data["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{NAME}.md").write_text(_markdown(data))
@@ -184,10 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="budget only: reuse the saved nvfp4 sweep and timings")
     ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 is far faster on a shared, busy CPU")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")
-    data: dict = {"samples": args.samples, "seq_len": args.seq_len, "budget_samples": args.budget_samples,
+    data: dict = {"provenance": provenance("bench/bench_sensitivity.py", argv), "samples": args.samples, "seq_len": args.seq_len, "budget_samples": args.budget_samples,
                   "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                   "sweeps": {}, "kl_topk": TOPK}
     if args.reuse:
