@@ -30,6 +30,8 @@ def weight_format(args: dict) -> str:
         return "nvfp4"
     if kind == "float" and bits == 4 and group == 32:
         return "mxfp4"
+    if kind == "float" and bits == 8 and strategy in ("channel", "block"):
+        return "fp8" if strategy == "channel" else "fp8_block"
     if kind == "int" and bits == 8 and strategy == "channel" and args.get("symmetric", True):
         return "int8"
     if kind == "int" and bits == 4 and args.get("symmetric", True):
@@ -49,6 +51,8 @@ def act_format(args: dict | None) -> str | None:
         return "nvfp4" if group == 16 else "mxfp4"
     if kind == "int" and bits == 8 and strategy == "token" and args.get("dynamic"):
         return "int8"
+    if kind == "float" and bits == 8 and args.get("dynamic"):  # FP8_DYNAMIC (per token), FP8_BLOCK (per group)
+        return "fp8" if strategy == "token" else "fp8_block"
     raise ModelLoadError(f"quantkit's runtime has no activation format for compressed-tensors args {args}")
 
 
