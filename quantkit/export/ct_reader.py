@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
@@ -118,8 +120,13 @@ def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         model.tie_weights()
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
-        # non-persistent buffers (rotary inv_freq) are rebuilt by a fresh init on the CPU
-        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # non-persistent buffers (rotary inv_freq) are rebuilt by a fresh init on the CPU; its
+        # parameters stay on meta unless one is missing too (a full random init of a 7B model is
+        # 13.5 GB and minutes, for a few KB of buffers)
+        params = dict(model.named_parameters())
+        need_params = any(n in params for n in still_meta)
+        with nullcontext() if need_params else init_empty_weights(include_buffers=False):
+            fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for n in still_meta:
             owner, _, leaf = n.rpartition(".")
             src = fresh.get_submodule(owner) if owner else fresh
