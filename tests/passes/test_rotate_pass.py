@@ -143,6 +143,8 @@ def test_rotate_on_an_already_quantized_linear_is_refused():
     ([{"pass": "quantize", "format": "nvfp4"}, {"pass": "rotate"}], "rotate must come before"),
     ([{"pass": "rotate"}, {"pass": "rotate"}, {"pass": "quantize", "format": "nvfp4"}], "one rotate pass"),
     ([{"pass": "rotate", "online": True}, {"pass": "llm_int8"}], "quantkit checkpoint"),
+    ([{"pass": "calibrate"}, {"pass": "rotate", "online": True}, {"pass": "quantize", "format": "nvfp4",
+                                                                 "act_format": "nvfp4"}], "before calibrate"),
 ])
 def test_validate_refuses_rotations_that_cannot_be_stored(passes, message):
     with pytest.raises(RecipeError, match=message):
@@ -156,3 +158,23 @@ def test_online_rotation_without_saving_is_accepted():
 
 def test_fused_only_rotation_can_be_saved_dense():
     assert parse_recipe({"name": "r", "passes": [{"pass": "rotate", "fuse_vo": True}]}).passes[0].fuse_vo
+
+
+def test_w4a4_activation_scales_come_from_rotated_inputs():
+    from quantkit.passes.calibrate import Calibrate
+    from quantkit.recipe import CalibConfig
+    from quantkit.stream.loop import run_stage
+
+    model = _model()
+    ctx = _ctx(model)
+    ctx.given_calib, ctx.calib_config = ctx.calib, CalibConfig(batch_size=4)
+    run_stage([Rotate(block_size=16, fuse_vo=False, online=True), Calibrate(),
+               Quantize(format="nvfp4", act_format="nvfp4", mode="fake")], ctx)
+    # q_proj of block 0 reads the normed embeddings, which no quantized layer touches before it
+    seen = {}
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    with torch.inference_mode():
+        model(ctx.calib)
+    rotated_amax = rotate_input(seen["x"], 16).abs().amax()
+    assert torch.allclose(ctx.stats["act_amax"]["model.layers.0.self_attn.q_proj"].squeeze(), rotated_amax, rtol=1e-6)
+    assert not torch.allclose(seen["x"].abs().amax(), rotated_amax, rtol=1e-2)  # rotation changed the amax

@@ -88,6 +88,9 @@ def check_recipe(passes: list, save: bool, layout: str) -> str | None:
     first = rotations[0]
     if any("quantized" in p.provided_facts() for p in passes[:first]):
         return "rotate must come before the passes that quantize (it rotates dense weights)"
+    if passes[first].online and any("act_stats" in p.provided_facts() for p in passes[:first]):
+        return ("rotate (online) must come before calibrate: activation statistics must be taken on the rotated "
+                "inputs the quantized layers will see")
     if save and passes[first].online and layout != "compressed-tensors":
         return (f"online rotations are stored as a compressed-tensors transform_config, but this recipe writes a "
                 f"{layout} checkpoint; quantize the rotated linears, set online: false, or output.save: false")
