@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import ModelLoadError, QuantkitError
 
 SCHEME = "v"  # llm-compressor QuIPModifier's name for the input-side rotation
 PRECISION = torch.float32  # the online op's compute dtype (quantkit.nn.qlinear.rotate_input)
@@ -82,7 +82,7 @@ def online_input_blocks(qc: dict) -> list[tuple[list[str], list[str], int]]:
                 continue  # fused into the stored weights
             if scheme.get("type") != "hadamard" or scheme.get("randomize") or location != "input" \
                     or not scheme.get("head_dim"):
-                raise QuantkitError(f"transform {name} ({scheme.get('type')}, {location}) is not applied by quantkit's "
+                raise ModelLoadError(f"transform {name} ({scheme.get('type')}, {location}) is not applied by quantkit's "
                                     "runtime: only non-random hadamard input transforms with a head_dim are")
             out.append((list(args.get("targets", [])), list(args.get("ignore", [])), int(scheme["head_dim"])))
     return out
@@ -109,7 +109,7 @@ def attach_online_transforms(model: torch.nn.Module, qc: dict) -> int:
         if getattr(module, "input_rotation", None):
             raise QuantkitError(f"{name} already applies an online input rotation")
         if module.in_features % block:
-            raise QuantkitError(f"transform block {block} does not divide {name}'s input dim {module.in_features}")
+            raise ModelLoadError(f"transform block {block} does not divide {name}'s input dim {module.in_features}")
         module.input_rotation = block
         if not isinstance(module, QLinear):
             module.register_forward_pre_hook(lambda _m, args, b=block: (rotate_input(args[0], b), *args[1:]),

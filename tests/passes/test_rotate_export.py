@@ -132,3 +132,14 @@ def test_rotate_streams_with_the_same_bytes_as_whole_model_execution(tiny_llama_
     assert files["whole"] == files["streaming"]
     qc = json.loads(files["streaming"]["config.json"])["quantization_config"]
     assert qc["transform_config"]["config_groups"]["v"]["head_dim"] == 16
+
+
+def test_a_transform_quantkit_cannot_apply_is_refused_on_load(tmp_path):
+    from quantkit.errors import ModelLoadError
+
+    _quantized(tmp_path, online=True, fuse_vo=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["transform_config"]["config_groups"]["v"]["type"] = "random-hadamard"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="not applied by quantkit's runtime"):
+        load_ct_checkpoint(tmp_path, torch.bfloat16)
