@@ -2,7 +2,7 @@
 
 Every config runs quantkit's own passes (rotate, quantize, gptq) on the bf16 model in memory, as
 `quantkit apply` would, with fake-mode QLinears; the model is then evaluated in fp32 (both sides of
-every comparison: bf16 matmuls are 6-8x slower on this CPU). Data as bench_fp4_quality.py: the
+every comparison: bf16 matmuls are 6-8x slower on this CPU). Data as bench_fp4_quality.py (its protocol copied below): the
 calibration articles split by article into calibration (3 of 4) and development (every 4th);
 the block size is chosen on the development perplexity, the held-out split is reported only.
 
@@ -21,27 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import platform
+import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from bench.bench_fp4_quality import (  # noqa: E402  (the shared dev/held-out protocol)
-    CALIB_SAMPLES,
-    DEV_EVERY,
-    SEED,
-    SEQ_LEN,
-    environment,
-    split_calib_texts,
-    window_ppl,
-    windows_of,
-)
 from quantkit.arch import arch_info  # noqa: E402
+from quantkit.calib import DEFAULT_SOURCE, read_texts, token_stream  # noqa: E402
 from quantkit.context import Context  # noqa: E402
 from quantkit.eval import perplexity  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
@@ -54,6 +50,49 @@ RESULTS = ROOT / "bench" / "results"
 SCHEMES = {"nvfp4a16": "nvfp4", "mxfp4a16": "mxfp4"}
 BLOCKS = (16, 32, 64)
 DAMPING = 0.01
+# the dev/held-out protocol of bench_fp4_quality.py (its commit f0934b7), kept here so this bench
+# does not move when that file does: every 4th calibration article is development text
+DEV_EVERY, CALIB_SAMPLES, SEQ_LEN, SEED = 4, 16, 512, 0
+
+
+def split_calib_texts() -> tuple[list[str], list[str]]:
+    """(calibration articles, development articles), split by whole article."""
+    texts = read_texts(DEFAULT_SOURCE, "calib")
+    calib = [t for i, t in enumerate(texts) if i % DEV_EVERY != DEV_EVERY - 1]
+    dev = [t for i, t in enumerate(texts) if i % DEV_EVERY == DEV_EVERY - 1]
+    return calib, dev
+
+
+def windows_of(tok, texts: list[str], n: int | None, seed: int | None) -> torch.Tensor:
+    """Non-overlapping SEQ_LEN windows [N, SEQ_LEN]; seeded pick of n, or the first n in order."""
+    stream = token_stream(tok, texts)
+    w = stream[: stream.numel() // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+    if seed is not None:
+        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return w[pick].contiguous()
+    return w[:n] if n else w
+
+
+@torch.inference_mode()
+def window_ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def environment(argv: list[str]) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantkit", "bench"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    return {"commit": commit, "tree_dirty": bool(dirty), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
+            "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
 
 
 def run_config(scheme: str, kind: str, block: int, windows: int, dev: torch.Tensor, calib: torch.Tensor) -> dict:
