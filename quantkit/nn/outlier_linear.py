@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import FormatError
+from quantkit.nn.kernels import int8 as k_int8
+from quantkit.nn.kernels import tiled
+from quantkit.nn.kernels.select import Device
 
 INT8_ABSMAX_DIVISOR = 127.0  # bnb / LLM.int8: codes in [-127, 127], never -128
 INV_DIVISOR_SQ = 1.0 / (INT8_ABSMAX_DIVISOR * INT8_ABSMAX_DIVISOR)  # both operands' 1/127
@@ -50,6 +53,12 @@ def quantize_rows_absmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact int32 product a [T, k] int8 · b_t [k, n] int8 -> [T, n] int32."""
     rows = a.shape[0]
+    if a.device.type == "cpu" and not Device.of("cpu").vnni:
+        # without VNNI/AMX torch._int_mm is a scalar loop on CPU (50-70x slower than the fp32 GEMM,
+        # docs/runtime.md); the codes multiply exactly on the fp32 GEMM in 2**24-safe K-chunks
+        w = b_t.t()  # [n, k]
+        acc = k_int8.int_gemm_exact_f32(a.to(torch.float32), w, tiled.tile_rows(*w.shape, torch.float32))
+        return acc.to(torch.int32)
     if _HAS_INT_MM and (a.device.type == "cpu" or (a.shape[1] % 8 == 0 and b_t.shape[1] % 8 == 0)):
         if rows < MIN_INT_MM_ROWS:
             a = F.pad(a, (0, 0, 0, MIN_INT_MM_ROWS - rows))

@@ -233,3 +233,23 @@ def test_bnb_threshold_zero_is_our_threshold_inf():
     with torch.inference_mode():
         want = ref(x.half()).float()
     assert _rel(mod(x.half()).float(), want) < BNB_PARITY_RTOL
+
+
+def test_cpu_without_vnni_multiplies_exactly_without_int_mm(monkeypatch):
+    """torch._int_mm is a scalar loop on CPUs without VNNI/AMX: the exact fp32 path is used there,
+    with the same int32 sums (K past 1024, so the chunked accumulation is exercised)."""
+    from quantkit.nn import outlier_linear as ol
+    from quantkit.nn.kernels.select import Device
+
+    monkeypatch.setattr(Device, "of", staticmethod(lambda device: Device("cpu", vnni=False)))
+
+    def refuse(*_):
+        raise AssertionError("torch._int_mm called on a CPU without VNNI")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (5, 2100), dtype=torch.int8, generator=g)
+    b = torch.full((2100, 3), -128, dtype=torch.int8)  # every partial sum past 2**24 in the worst row
+    a[0] = -128
+    out = ol.int8_matmul(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.long(), a.long() @ b.long())
