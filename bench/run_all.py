@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BENCHES = ["bench_apply", "bench_formats", "bench_fp4_quality", "bench_llm_int8", "bench_quantvla",
-           "bench_masa", "bench_sensitivity", "bench_streaming", "bench_runtime", "bench_rotate"]
+           "bench_masa", "bench_sensitivity", "bench_streaming", "bench_runtime", "bench_rotate",
+           "bench_moe_experts", "bench_moe"]
 
 
 def main() -> int:

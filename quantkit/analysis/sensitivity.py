@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,22 +127,55 @@ class SensitivityResult:
         return cls(**d)
 
 
+MOE_COMPONENTS = ("experts", "router")
+
+
 def component_order(arch: ArchInfo) -> list[str]:
-    return list(arch.roles)
+    return list(arch.roles) + (list(MOE_COMPONENTS) if arch.is_moe else [])
 
 
-def plan_runs(arch: ArchInfo, names: list[str], isolation: tuple[str, ...]) -> list[Run]:
+def moe_units(model: nn.Module, arch: ArchInfo, targets: Targets | None = None) -> dict[str, tuple[int, str]]:
+    """Fused-experts modules and routers -> (block, component), with Targets' semantics (roles
+    empty or naming the component, layers, include/exclude globs).
+
+    Experts count in every run a default recipe would quantize (ALL, block, complement); routers,
+    which recipes keep in high precision, only in their own component and grid runs: the sweep
+    answers what quantizing them would cost."""
+    from fnmatch import fnmatchcase
+
+    from quantkit.nn.qexperts import is_experts
+
+    t = targets or Targets()
+    out: dict[str, tuple[int, str]] = {}
+    for layer in range(arch.num_layers):
+        found = [(n, "experts") for n, _ in arch.experts(layer) if is_experts(model.get_submodule(n))]
+        found += [(n, "router") for n in arch.routers(layer)
+                  if getattr(model.get_submodule(n), "weight", None) is not None
+                  and model.get_submodule(n).weight.dim() == 2]
+        for name, comp in found:
+            if t.include and not any(fnmatchcase(name, p) for p in t.include):
+                continue
+            if any(fnmatchcase(name, p) for p in t.exclude):
+                continue
+            if (t.roles and comp not in t.roles) or (t.layers and layer not in t.layers):
+                continue
+            out[name] = (layer, comp)
+    return out
+
+
+def plan_runs(arch: ArchInfo, names: list[str], isolation: tuple[str, ...],
+              moe: dict[str, tuple[int, str]] | None = None) -> list[Run]:
     """ALL first, then the isolation families in the order the spec lists them."""
-    where = {n: arch.role_of(n) for n in names}
+    where = {n: arch.role_of(n) for n in names} | dict(moe or {})
     comps = [c for c in component_order(arch) if any(w and w[1] == c for w in where.values())]
     blocks = sorted({w[0] for w in where.values() if w})
 
-    def pick(pred) -> tuple[str, ...]:
-        return tuple(n for n, w in where.items() if w and pred(*w))
+    def pick(pred, routers: bool = False) -> tuple[str, ...]:
+        return tuple(n for n, w in where.items() if w and (routers or w[1] != "router") and pred(*w))
 
-    runs = [Run("all", "all", None, None, tuple(names))]
+    runs = [Run("all", "all", None, None, tuple(n for n in where if (where[n] or (0, ""))[1] != "router"))]
     if "component" in isolation:
-        runs += [Run(f"component:{c}", "component", c, None, pick(lambda b, r, c=c: r == c)) for c in comps]
+        runs += [Run(f"component:{c}", "component", c, None, pick(lambda b, r, c=c: r == c, True)) for c in comps]
     if "block" in isolation:
         runs += [Run(f"block:{b}", "block", None, b, pick(lambda bb, r, b=b: bb == b)) for b in blocks]
     if "block-complement" in isolation:
@@ -149,7 +184,7 @@ def plan_runs(arch: ArchInfo, names: list[str], isolation: tuple[str, ...]) -> l
         ]
     if "grid" in isolation:
         runs += [
-            Run(f"grid:{c}:{b}", "grid", c, b, pick(lambda bb, r, b=b, c=c: bb == b and r == c))
+            Run(f"grid:{c}:{b}", "grid", c, b, pick(lambda bb, r, b=b, c=c: bb == b and r == c, True))
             for b in blocks
             for c in comps
         ]
@@ -281,7 +316,8 @@ def run_sensitivity(
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     if tokens is None:
         tokens = sweep_tokens(model, tokenizer, samples, seq_len)
-    runs = plan_runs(arch, names, isolations)
+    moe = moe_units(model, arch, targets)  # issue 14: components `experts` and `router`
+    runs = plan_runs(arch, names, isolations, moe)
     if budget_bits is not None:
         _check_budget(model, names, format, budget_bits)  # fail before the sweep, not after it
 
@@ -301,7 +337,7 @@ def run_sensitivity(
     was_training = model.training
     model.float().eval()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
     try:
-        sweep = Sweep(model, arch, fmt, tokens, names, act_quant=MODES[mode], batch_size=batch_size)
+        sweep = Sweep(model, arch, fmt, tokens, names, act_quant=MODES[mode], batch_size=batch_size, moe=moe)
         ppl_fp = sweep.reference()
         t_ref = time.perf_counter() - t_start
         results = _run_all(sweep, runs, done, ppl_fp, progress, lambda: partial and _save_partial(partial, fingerprint, done))
@@ -380,20 +416,12 @@ def _check_budget(model: nn.Module, names: list[str], fmt: str, budget_bits: flo
 
 
 def _run_all(sweep: Sweep, runs: list[Run], done: dict[str, dict], ppl_fp: float, progress: bool, save) -> list[RunResult]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     results = []
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), disable=not progress, transient=False,
-    ) as bar:
-        task = bar.add_task("sensitivity", total=len(runs))
+    with _progress(progress, len(runs)) as advance:
         for run in runs:
-            bar.update(task, description=f"{run.id:<24}")
             if run.id in done:
                 results.append(RunResult(**done[run.id]))
-                bar.advance(task)
+                advance(run.id)
                 continue
             m = sweep.measure(list(run.modules))
             dppl = m.ppl - ppl_fp
@@ -402,5 +430,52 @@ def _run_all(sweep: Sweep, runs: list[Run], done: dict[str, dict], ppl_fp: float
             results.append(r)
             done[run.id] = asdict(r)
             save()
-            bar.advance(task)
+            advance(run.id)
     return results
+
+
+PROGRESS_PREFIX = "[quantkit] "  # the prefix apply's plain progress lines carry (cli_common.PlainProgress)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, stream=None):
+    """advance(run_id) per finished run: a rich bar on a terminal; in logs and pipes, plain lines
+    like apply's (`[quantkit] sensitivity: 3/12 component:up, elapsed 0:42, eta 2:06`), one per run."""
+    stream = stream or sys.stderr
+    if enabled and not stream.isatty():
+        start, count = time.perf_counter(), 0
+
+        def line(text: str) -> None:
+            stream.write(PROGRESS_PREFIX + "sensitivity: " + text + "\n")
+            stream.flush()
+
+        def advance(run_id: str) -> None:
+            nonlocal count
+            count += 1
+            elapsed = time.perf_counter() - start
+            eta = f", eta {_clock(elapsed / count * (total - count))}" if count < total else ""
+            line(f"{count}/{total} {run_id}, elapsed {_clock(elapsed)}{eta}")
+
+        line(f"started (0/{total} runs)")
+        yield advance
+        line(f"done {total}/{total} in {_clock(time.perf_counter() - start)}")
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
+    ) as bar:
+        task = bar.add_task("sensitivity", total=total)
+
+        def advance(run_id: str) -> None:
+            bar.update(task, description=f"{run_id:<24}")
+            bar.advance(task)
+
+        yield advance

@@ -90,9 +90,11 @@ class Sweep:
         act_quant: bool,
         batch_size: int = 4,
         replay: bool = True,
+        moe: dict[str, tuple[int, str]] | None = None,  # experts modules and routers -> (block, role)
     ):
         self.model, self.arch, self.fmt, self.tokens = model, arch, fmt, tokens
-        self.names = names
+        self.moe = dict(moe or {})
+        self.names = [*names, *(n for n in self.moe if n not in names)]
         self.act_quant = act_quant
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
@@ -104,7 +106,19 @@ class Sweep:
         self.act_outliers: dict[str, float] = {}
         self.ppl_fp = math.nan
         self._tuple_out = False  # set by the reference pass when layers return tuples
-        self.fake = fake_weights(model, names, fmt, self._fused_all())
+        self.fake = fake_weights(model, [n for n in self.names if self.moe.get(n, (0, ""))[1] != "experts"], fmt,
+                                 self._fused_all())
+        self.fake.update(self._fake_experts())
+
+    def _fake_experts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Experts module -> {3-D parameter: per-expert fake-quantized weights} (QExperts' numerics)."""
+        from quantkit.nn.qexperts import fake_quantized_experts
+
+        return {n: fake_quantized_experts(self.model.get_submodule(n), self.fmt.name, self.arch.hidden_size)
+                for n, (_, role) in self.moe.items() if role == "experts"}
+
+    def where(self, name: str) -> tuple[int, str] | None:
+        return self.moe.get(name) or self.arch.role_of(name)
 
     def _fused_all(self) -> list[list[str]]:
         return [g for b in range(len(self.layers)) for g in self.arch.fused_groups(b)]
@@ -161,26 +175,30 @@ class Sweep:
         """Swap in fake-quantized weights (and activation quantizers) for `modules`; restore after.
 
         `modules` is a list of names (this sweep's format) or name -> (replacement weight, format
-        whose activation quantizer the input gets in w4a4 mode; None for none).
+        whose activation quantizer the input gets in w4a4 mode; None for none). An experts
+        module's replacement is {3-D parameter: weights}; in w4a4 mode its input (the hidden
+        states every expert reads) is quantized, the down projections' inputs are not.
         """
         swaps = modules if isinstance(modules, dict) else {n: (self.fake[n], self.fmt) for n in modules}
-        originals, hooks = {}, []
+        originals, hooks = [], []  # (parameter, its original data)
         try:
             for name, (w, fmt) in swaps.items():
-                linear = self.model.get_submodule(name)
-                originals[name] = linear.weight.data
-                linear.weight.data = w
+                module = self.model.get_submodule(name)
+                for leaf, t in (w.items() if isinstance(w, dict) else [("weight", w)]):
+                    param = getattr(module, leaf)
+                    originals.append((param, param.data))
+                    param.data = t
                 if self.act_quant and fmt is not None:
-                    hooks.append(linear.register_forward_pre_hook(_act_hook(fmt)))
+                    hooks.append(module.register_forward_pre_hook(_act_hook(fmt)))
             yield
         finally:
             for h in hooks:
                 h.remove()
-            for name, data in originals.items():
-                self.model.get_submodule(name).weight.data = data
+            for param, data in originals:
+                param.data = data
 
     def first_layer(self, modules) -> int:
-        layers = [where[0] for n in modules if (where := self.arch.role_of(n)) is not None]
+        layers = [where[0] for n in modules if (where := self.where(n)) is not None]
         if len(layers) < len(list(modules)):
             return 0  # a non-block module (e.g. lm_head) changes everything downstream of the embedding
         return min(layers, default=0)

@@ -181,13 +181,25 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
     if any(p.dim() != 3 for p in module.parameters(recurse=False)):
         names = [n for n, p in module.named_parameters(recurse=False) if p.dim() != 3]
         raise FormatError(f"experts with bias parameters ({', '.join(names)}) are not supported yet")
+    layout = _layout_of(module, hidden_size)
+    fmt = get_format(fmt_name)
+    dtype = next(module.parameters()).dtype
+    qweights = _expert_qweights(module, layout, fmt, observer, solver)
+    return QExperts(module, layout, qweights, mode=mode, act_format=act_format,
+                    input_global_scales=input_global_scales, compute_dtype=dtype, model_type=model_type)
+
+
+def _layout_of(module: nn.Module, hidden_size: int | None = None) -> ExpertsInfo:
     if hidden_size is None:
         hidden_size = getattr(module, "hidden_dim", None) or getattr(getattr(module, "config", None), "hidden_size", 0)
     layout = describe_experts("", module, hidden_size)
     if not layout.params:
         raise FormatError(f"cannot tell the input and output projections of {type(module).__name__}")
-    fmt = get_format(fmt_name)
-    dtype = next(module.parameters()).dtype
+    return layout
+
+
+def _expert_qweights(module: nn.Module, layout: ExpertsInfo, fmt, observer: str, solver) -> dict[str, list[QTensor]]:
+    """Parameter name -> one QTensor [out, in] per expert; separate gate/up share a global scale per expert."""
 
     def matrices(param: str) -> torch.Tensor:  # [E, out, in]
         w = getattr(module, param).detach()
@@ -206,8 +218,21 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
         gs = shared[param]
         qweights[param] = [solver(param, e, w[e], None if gs is None else gs[e]) if solver else
                            _quantize_one(fmt, w[e], observer, None if gs is None else gs[e]) for e in range(w.shape[0])]
-    return QExperts(module, layout, qweights, mode=mode, act_format=act_format,
-                    input_global_scales=input_global_scales, compute_dtype=dtype, model_type=model_type)
+    return qweights
+
+
+@torch.no_grad()
+def fake_quantized_experts(module: nn.Module, fmt_name: str, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Parameter name -> dequantize(quantize(W)) of every expert (exactly QExperts' weights), in the
+    parameter's own shape and dtype, for code that swaps weights in place (the sensitivity sweep)."""
+    layout = _layout_of(module, hidden_size)
+    fmt = get_format(fmt_name)
+    out = {}
+    for param, qs in _expert_qweights(module, layout, fmt, "minmax", None).items():
+        w = torch.stack([fmt.dequantize(q, torch.float32) for q in qs])  # [E, out, in]
+        orig = getattr(module, param)
+        out[param] = (w.transpose(1, 2) if layout.transposed else w).to(orig.dtype).contiguous()
+    return out
 
 
 def select_experts(targets, model: nn.Module, arch) -> list[str]:
