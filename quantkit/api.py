@@ -42,7 +42,8 @@ def dir_bytes(path: Path) -> int:
 
 
 def check_context_length(model: nn.Module, seq_len: int, what: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    config = getattr(model, "config", None)  # None: a plain nn.Module from a --loader
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and seq_len > limit:
         raise CalibrationError(f"{what} seq_len {seq_len} exceeds the model's context length {limit}")
 
@@ -51,9 +52,10 @@ def save_output(model: nn.Module, tokenizer, out_dir: Path, layout: str | None =
                 max_shard_bytes: int = DEFAULT_MAX_SHARD) -> str:
     """Write a model that is entirely in memory, block by block through the one writer."""
     from quantkit.export.writer import CheckpointWriter, layout_of_model
+    from quantkit.loaders import arch_for
 
     layout = layout or layout_of_model(model)
-    ctx_arch = arch_info(model)
+    ctx_arch = arch_for(model)
     writer = CheckpointWriter(out_dir, layout, max_shard_bytes)
     prefixes = [f"{ctx_arch.layers_path}.{i}" for i in range(ctx_arch.num_layers)]
     for prefix in prefixes:
@@ -65,8 +67,12 @@ def save_output(model: nn.Module, tokenizer, out_dir: Path, layout: str | None =
 
 def apply(
     recipe: Recipe,
-    model_spec: str,
+    model_spec: str | nn.Module | None = None,
     *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    calib_batches=None,
+    model_name: str | None = None,
     output: Path | None = None,
     force: bool = False,
     device: str = "cpu",
@@ -83,28 +89,42 @@ def apply(
     execution: "whole" (the model in memory), "streaming" (one decoder block in memory at a
     time, read from the checkpoint's shards) or "auto" (streaming when the checkpoint would not
     comfortably fit); None takes the recipe's. Both run the same block loop and write the same bytes.
+
+    model: an nn.Module already in memory instead of a spec (whole-model execution; the tokenizer
+    is optional). calib_batches: input_ids [b, s] tensors or dicts of forward kwargs that replace
+    the recipe's calib data. See docs/loaders.md.
     """
     from quantkit.export.shards import parse_size
-    from quantkit.export.writer import layout_for
+    from quantkit.export.writer import output_layout
+    from quantkit.loaders import in_memory
     from quantkit.stream import plan
 
     started = time.perf_counter()
+    given, model_spec = in_memory(model_spec, model, tokenizer, calib_batches, model_name)
     saving = output is not None and recipe.output.save
     if saving and distributed.world()[0] == 0:
         check_output(Path(output), force)
     # decided before any weight loads: the layout the passes produce, and how they run
-    layout = layout_for(recipe.passes) if saving else None
+    layout = output_layout(recipe) if saving else None
     max_shard = parse_size(max_shard_size if max_shard_size is not None else recipe.output.max_shard_size)
     requested = execution or recipe.execution
     model_dir = None
-    if requested != "whole":
+    if given is not None and requested == "streaming":
+        raise RecipeError("execution: streaming reads the model block by block from a checkpoint on disk; a model "
+                          "given in memory runs with execution: whole")
+    if requested != "whole" and given is None:
         try:
             model_dir = plan.local_model_dir(model_spec)
         except QuantkitError:
             if requested == "streaming":
                 raise
     mode, why = plan.choose_execution(requested, recipe.passes, model_dir)
+    if given is not None:
+        mode, why = "whole", "model given in memory"
     rank, world = distributed.world()
+    if world > 1 and given is not None:
+        raise RecipeError("torchrun runs read the model from a checkpoint on disk; a model given in memory runs "
+                          "in one process")
     if world > 1:
         distributed.check_data_free(recipe.passes)
         if model_dir is None:
@@ -122,17 +142,30 @@ def apply(
     if world > 1:
         distributed.init(dev)
     with progress(f"load model ({mode})", 0):
-        model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code)
+        if given is not None:
+            model, tokenizer, residency = given.adopt(dtype, dev)
+        else:
+            model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code)
     seconds["load"] = time.perf_counter() - t
     report.device = str(dev)
-    arch = arch_info(model)
-    check_context_length(model, recipe.calib.seq_len, "calibration")
+    from quantkit.loaders import arch_for, check_scopes, evaluable
+
+    arch = arch_for(model)
+    check_scopes(recipe.passes, model)  # a scope the model lacks fails now, before any calibration
+    if do_eval and not evaluable(model, tokenizer):
+        if max_ppl_increase is not None or max_kl is not None:
+            raise RecipeError("quality gates need perplexity, which needs a transformers causal LM and its tokenizer")
+        do_eval = False
+        report.details["eval"] = {"skipped": "perplexity needs a transformers causal LM and its tokenizer"}
+    calib_config = recipe.calib if given is None or given.calib is None else given.calib_config(recipe.calib)
+    if calib_config is recipe.calib:
+        check_context_length(model, recipe.calib.seq_len, "calibration")
     if do_eval:
         check_context_length(model, recipe.eval.seq_len, "evaluation")
 
     ctx = Context(model=model, tokenizer=tokenizer, arch=arch, device=dev,
-                  calib_config=recipe.calib, batch_size=recipe.calib.batch_size, seed=recipe.calib.seed,
-                  residency=residency)
+                  calib_config=calib_config, batch_size=recipe.calib.batch_size, seed=recipe.calib.seed,
+                  residency=residency, given_calib=None if given is None else given.calib)
     report.model_bytes_before = residency.source.total_bytes() if residency.streaming else module_bytes(model)
     stage_list = plan.stages(recipe.passes)
     one_loop = len(stage_list) == 1 and stage_list[0][0].execution == "block"
@@ -156,6 +189,8 @@ def apply(
             seconds["eval_before"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        if any(p.needs_teacher and p.execution != "block" for p in recipe.passes):
+            ctx.keep_teacher()  # whole-model passes compare against the model as loaded, before any pass
         only = distributed.my_blocks(arch.num_layers) if world > 1 else None
         report.passes = run_passes(stage_list, ctx, progress, writer=writer if one_loop else None, evaluation=evaluation,
                                    only=only)
@@ -211,8 +246,8 @@ def apply(
 
 def _verify_output(path: Path, layout: str, ctx: Context) -> dict:
     """verify's cheap checks (config, tensors, shapes; no model load) before the rename."""
-    if layout == "dense":
-        return {"skipped": "dense checkpoint"}
+    if layout in ("dense", "bnb-int8"):
+        return {"skipped": f"{layout} checkpoint"}
     from quantkit.errors import CheckpointCheckError
     from quantkit.verify import verify_checkpoint
 

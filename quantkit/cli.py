@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli_common import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg, OutputDirOpt, SetOpt,
+from quantkit.cli_common import (DebugOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, OutputDirOpt, SetOpt,
                                  State, TrustOpt, err_console, error_boundary, json_envelope, make_progress,
                                  print_json, quiet_libraries)
 
@@ -31,7 +31,7 @@ def main_callback(debug: DebugOpt = False) -> None:
 @app.command()
 def apply(
     recipe: RecipeArg,
-    model: ModelArg,
+    model: Annotated[Optional[str], typer.Argument(help="hub id, local directory, GGUF file, or alias smollm2-135m; with --loader, passed to the loader function (optional)", show_default=False)] = None,
     output: OutputDirOpt = None,
     set_: SetOpt = None,
     device: DeviceOpt = "cpu",
@@ -45,10 +45,12 @@ def apply(
     execution: Annotated[Optional[str], typer.Option("--execution", help="auto (default: streaming when the model would not comfortably fit in memory), whole, or streaming (one decoder block in memory at a time)")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB (default) or 500MB")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="checkpoint layout: auto (what the passes need) or bnb-int8 (bitsandbytes LLM.int8, with the llm-int8 recipe); sets the recipe's output.layout")] = None,
+    loader: Annotated[Optional[str], typer.Option("--loader", help="package.module:function or path/to/file.py:function returning the model (or model, tokenizer, calibration batches); see docs/loaders.md")] = None,
 ) -> None:
     """Quantize MODEL with RECIPE and write a checkpoint plus report."""
     with error_boundary(as_json) as result:
         from quantkit import api
+        from quantkit.errors import QuantkitError
         from quantkit.recipe import load_recipe
 
         overrides = list(set_ or [])
@@ -61,51 +63,31 @@ def apply(
         if layout is not None:
             overrides.append(f"output.layout={layout}")
         rec = load_recipe(recipe, overrides)
+        if model is None and loader is None:
+            raise QuantkitError("apply needs a MODEL argument or --loader package.module:function")
         if output is None:
-            output = Path("out") / f"{Path(model).name}-{rec.name}"
-        if rec.output.layout == "bnb-int8" and rec.output.save:
-            result.report = _apply_bnb(rec, model, output, force, device, dtype, trust_remote_code,
-                                       max_ppl_increase, max_kl)
-            return
+            stem = Path(model).name if model is not None else loader.rpartition(":")[2]
+            output = Path("out") / f"{stem}-{rec.name}"
         progress, factory = make_progress()
         with progress:
-            report = api.apply(rec, model, output=output, force=force, device=device, dtype=dtype,
-                               trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
-                               max_kl=max_kl, progress=factory)
+            source = {}
+            if loader is not None:
+                from quantkit.export.writer import output_layout
+                from quantkit.io import check_output
+                from quantkit.loaders import call_loader
+
+                if rec.output.save:  # what apply checks first, before the loader's (maybe long) load
+                    check_output(output, force)
+                    output_layout(rec)
+                with factory(f"loader {loader}", 0):
+                    got = call_loader(loader, model)
+                source = dict(model=got.model, tokenizer=got.tokenizer, calib_batches=got.calib,
+                              model_name=f"loader:{loader}" + (f"({model})" if model else ""))
+            report = api.apply(rec, None if loader is not None else model, output=output, force=force, device=device,
+                               dtype=dtype, trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
+                               max_kl=max_kl, progress=factory, **source)
         _print_summary(report)
         result.report = report.to_dict()
-
-
-def _apply_bnb(rec, model: str, output: Path, force: bool, device: str, dtype: str, trust_remote_code: bool,
-               max_ppl_increase: float | None, max_kl: float | None) -> dict:
-    """output.layout bnb-int8: the passes run as for any recipe (no save), then the bitsandbytes
-    checkpoint is written from the model in memory."""
-    from quantkit import api
-    from quantkit.export.bnb import check_bnb_plan, write_bnb_output
-    from quantkit.io import check_output
-
-    check_bnb_plan(rec.passes)  # before any weight loads
-    check_output(output, force)
-    progress, factory = make_progress()
-    with progress:
-        report = api.apply(rec, model, output=None, force=force, device=device, dtype=dtype,
-                           trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
-                           max_kl=max_kl, progress=factory)
-        with factory("save checkpoint (bnb-int8)", 0):
-            write_bnb_output(report, report.model_obj, _tokenizer(model, trust_remote_code), rec, output, force)
-    _print_summary(report)
-    return report.to_dict()
-
-
-def _tokenizer(spec: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from quantkit.models import resolve_model_path
-
-    target = resolve_model_path(spec)
-    if target.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(Path(target).parent, gguf_file=Path(target).name)
-    return AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
 
 
 def _print_summary(report) -> None:

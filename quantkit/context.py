@@ -19,8 +19,9 @@ class Context:
     tokenizer: Any
     arch: ArchInfo
     device: torch.device
-    # calibration token ids [N, seq_len]; None until the calibrate pass ran
-    calib: torch.Tensor | None = None
+    # calibration token ids [N, seq_len], or a caller's batches (list, see given_calib); None until
+    # the calibrate pass ran
+    calib: torch.Tensor | list | None = None
     batch_size: int = 4
     seed: int = 0
     # per-module statistics, e.g. stats["act_amax"][name] -> tensor
@@ -43,6 +44,9 @@ class Context:
     residency: Any = None
     # facts that passes in later stages require (set by the pipeline)
     needed_later: set[str] = field(default_factory=set)
+    # calibration batches from the caller (a --loader): each input_ids [b, s] or a dict of forward
+    # kwargs; the calibrate pass uses them instead of the recipe's calib data (docs/loaders.md)
+    given_calib: list | None = None
 
     def keep_teacher(self) -> None:
         """Snapshot the unmodified model once, for passes that compare against it."""
@@ -53,8 +57,22 @@ class Context:
         """Yield calibration batches [b, seq_len] on the model's device."""
         if self.calib is None:
             raise RuntimeError("calibration buffer missing: the recipe order check should have caught this")
+        if isinstance(self.calib, list):  # the caller's batches, as given
+            for batch in self.calib:
+                yield ({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                       if isinstance(batch, dict) else batch.to(self.device))
+            return
         for i in range(0, self.calib.shape[0], self.batch_size):
             yield self.calib[i : i + self.batch_size].to(self.device)
+
+    def calib_rows(self) -> int:
+        """Calibration sequences in the buffer (0 before the calibrate pass)."""
+        if self.calib is None:
+            return 0
+        if isinstance(self.calib, list):
+            return sum(len(b["input_ids"]) if isinstance(b, dict) and "input_ids" in b else
+                       len(b) if not isinstance(b, dict) else 1 for b in self.calib)
+        return int(self.calib.shape[0])
 
     def record(self, pass_name: str, **values: Any) -> None:
         self.report.setdefault(pass_name, {}).update(values)

@@ -11,6 +11,11 @@ Layouts:
   compressed-tensors  QLinear modules as compressed-tensors writes them (codecs in ct_int/ct_fp4)
   quantkit            quantkit-only modules (LLM.int8 outlier columns, MASA atoms), quantkit's layout
   dense               a plain transformers checkpoint (passes that only rewrite dense weights)
+  bnb-int8            bitsandbytes' LLM.int8 layout (recipe output.layout; export/bnb.py)
+
+A model without a transformers config (an nn.Module from a --loader) is written with its module
+tree's tensor names and a config.json holding the class, any sub-model configs and the
+quantization_config (docs/loaders.md).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.export.shards import DEFAULT_MAX_SHARD, ShardWriter, finalize
 
-LAYOUTS = ("compressed-tensors", "quantkit", "dense")
+LAYOUTS = ("compressed-tensors", "quantkit", "dense", "bnb-int8")
 
 
 def layout_for(passes) -> str:
@@ -37,6 +42,16 @@ def layout_for(passes) -> str:
             "output.save: false"
         )
     return produced.pop() if produced else "dense"
+
+
+def output_layout(recipe) -> str:
+    """The recipe's checkpoint layout: output.layout when it names one, else what the passes produce."""
+    if recipe.output.layout == "bnb-int8":
+        from quantkit.export.bnb import check_bnb_plan
+
+        check_bnb_plan(recipe.passes)
+        return "bnb-int8"
+    return layout_for(recipe.passes)
 
 
 FP4_DECOMPRESSED_DTYPE = "bfloat16"
@@ -76,7 +91,7 @@ class CheckpointWriter:
         self.shards = ShardWriter(self.dir, max_shard_bytes, shard_tag=shard_tag)
         self.schemes: dict[str, dict] = {}  # compressed-tensors: scheme per quantized linear
         self.ignore: list[str] = []  # compressed-tensors: linears left unquantized
-        self.modules: dict[str, dict] = {}  # quantkit layout: config per quantkit module
+        self.modules: dict[str, dict] = {}  # quantkit layout: config per quantkit module; bnb-int8: threshold
 
     # -- per subtree -----------------------------------------------------------------------------
     def _entries(self, prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,6 +107,13 @@ class CheckpointWriter:
 
             tensors, modules = ql.module_tensors(prefix, module)
             self.modules.update(modules)
+            return tensors
+        if self.layout == "bnb-int8":
+            from quantkit.export import bnb
+
+            tensors, facts = bnb.module_tensors(prefix, module)
+            self.modules.update({n: {"threshold": t} for n, t in facts["thresholds"].items()})
+            self.ignore.extend(facts["dense"])  # linears left dense: bitsandbytes' skip list
             return tensors
         return dict(module.state_dict(prefix=prefix + "." if prefix else ""))
 
@@ -144,7 +166,7 @@ class CheckpointWriter:
         self.schemes = dict(sorted(self.schemes.items(), key=lambda kv: order.get(kv[0], len(order))))
         self.ignore = sorted(self.ignore, key=lambda n: order.get(n, len(order)))
         self.modules = dict(sorted(self.modules.items(), key=lambda kv: order.get(kv[0], len(order))))
-        config = model.config.to_dict()
+        config = model.config.to_dict() if _hf_config(model) is not None else module_tree_config(model)
         qc: dict = {}
         if self.layout == "compressed-tensors":
             from quantkit.export.compressed_tensors import config_from
@@ -154,6 +176,10 @@ class CheckpointWriter:
             from quantkit.export import quantkit_layout as ql
 
             qc = ql.config_from(self.modules)
+        elif self.layout == "bnb-int8":
+            from quantkit.export import bnb
+
+            qc = bnb.config_from({n: m["threshold"] for n, m in self.modules.items()}, self.ignore)
         if qc:
             config["quantization_config"] = qc
         else:
@@ -171,9 +197,30 @@ class CheckpointWriter:
         return qc
 
 
+def _hf_config(model: nn.Module):
+    """The model's transformers config, or None for a plain nn.Module (a --loader model)."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_dict") else None
+
+
+def module_tree_config(model: nn.Module) -> dict:
+    """config.json of a model without a transformers config: its class and its sub-models' configs.
+
+    model_type "quantkit-module" makes transformers' Auto classes refuse it loudly; the checkpoint
+    reloads into a model built by the same code (quantkit.loaders.load_checkpoint).
+    """
+    cls = type(model)
+    outer: dict[str, dict] = {}  # outermost sub-models only: a backbone's children share its config
+    for name, m in model.named_modules():
+        if name and _hf_config(m) is not None and not any(name.startswith(o + ".") for o in outer):
+            outer[name] = m.config.to_dict()
+    return {"model_type": "quantkit-module", "architectures": [cls.__name__],
+            "module_class": f"{cls.__module__}.{cls.__qualname__}", "sub_configs": outer}
+
+
 def tied_names(model: nn.Module) -> set[str]:
     """Names that tie_weights() fills from another tensor (e.g. lm_head.weight)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
+    if not getattr(_hf_config(model), "tie_word_embeddings", False):
         return set()
     keys = getattr(model, "_tied_weights_keys", None) or {}
     return set(keys) if isinstance(keys, (dict, list, tuple, set)) else set()

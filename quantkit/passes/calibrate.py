@@ -54,7 +54,8 @@ class Calibrate(Pass):
 
     def begin(self, ctx) -> None:
         cfg = ctx.calib_config
-        ctx.calib = load_calib_config(ctx.tokenizer, cfg)
+        given = getattr(ctx, "given_calib", None)  # a --loader's batches replace the recipe's calib data
+        ctx.calib = given if given is not None else load_calib_config(ctx.tokenizer, cfg)
         ctx.batch_size = cfg.batch_size
         ctx.scratch[self.name] = {"collect": self._collect(ctx), "linears": 0}
         if ctx.scratch[self.name]["collect"]:

@@ -56,7 +56,11 @@ def swapped_forwards(blocks: Sequence[nn.Module], make):
                 block.forward = old
 
 
-def model_call(model: nn.Module, ids: torch.Tensor, keep_all_logits: bool = False):
+def model_call(model: nn.Module, ids: torch.Tensor | dict, keep_all_logits: bool = False):
+    if isinstance(ids, dict):  # a --loader's calibration batch: the model's own forward kwargs
+        return model(**ids)
+    if not hasattr(getattr(model, "config", None), "to_dict"):  # a plain nn.Module (docs/loaders.md)
+        return model(ids)
     kwargs = dict(input_ids=ids, use_cache=False)
     if not keep_all_logits:
         kwargs["logits_to_keep"] = 1

@@ -184,4 +184,5 @@ def run_batches(model: nn.Module, batches: Iterable | Callable[[], None],
             else:
                 model(batch)
             if progress is not None:
-                progress(len(batch["input_ids"]) if isinstance(batch, dict) else batch.shape[0])
+                rows = batch.get("input_ids", next(iter(batch.values()))) if isinstance(batch, dict) else batch
+                progress(len(rows))
