@@ -101,3 +101,15 @@ def test_plain_progress_lines_count_runs_and_estimate_the_rest():
     assert lines[1].startswith("[quantkit] sensitivity: 1/2 all, elapsed 0:0") and ", eta 0:0" in lines[1]
     assert lines[2].startswith("[quantkit] sensitivity: 2/2 component:q, elapsed") and "eta" not in lines[2]
     assert lines[3].startswith("[quantkit] sensitivity: done 2/2 in 0:0")
+
+
+def test_reports_and_budget_on_an_moe(tokens, tmp_path):
+    """The full sweep (ALL, component, block; reports, budget over the linears) runs on an MoE."""
+    model = _moe("qwen2_moe")
+    res = run_sensitivity(model, None, format="nvfp4", tokens=tokens, out_dir=tmp_path, budget_bits=5.0,
+                          model_name="tiny-moe")
+    assert res.run("all").n_modules == len(Targets().select(model, arch_info(model))) + 2  # + 2 experts modules
+    assert {p.name for p in tmp_path.iterdir()} >= {"sensitivity.json", "sensitivity.md"}
+    assert "experts" in (tmp_path / "sensitivity.md").read_text()
+    choice = res.budget["choice"]  # --budget-bits assigns formats to the linears only (docs/architectures.md)
+    assert choice and not any(".experts" in n or n.endswith(".gate") for n in choice)
