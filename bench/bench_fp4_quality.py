@@ -36,7 +36,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import read_texts, token_stream  # noqa: E402
-from quantkit.eval import perplexity  # noqa: E402
 from quantkit.formats import get_format  # noqa: E402
 from quantkit.formats.observers import OBSERVERS  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
@@ -45,6 +44,8 @@ from quantkit.passes.quantize import Quantize  # noqa: E402
 from quantkit.targets import Targets, set_module  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+WORK = ROOT / "bench" / "work" / "fp4q"  # token windows handed to the peer, its JSON (git-ignored)
+PEER_SCHEMES = {"NVFP4A16": "nvfp4a16", "NVFP4": "nvfp4", "MXFP4A16": "mxfp4a16", "MXFP4": "mxfp4"}
 SCHEMES = {  # name -> (weight format, activation format)
     "nvfp4a16": ("nvfp4", None),
     "nvfp4": ("nvfp4", "nvfp4"),
@@ -84,15 +85,19 @@ def windows_of(tok, texts: list[str], n: int | None, seed: int | None) -> torch.
 
 
 @torch.inference_mode()
-def window_ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
-    nll, count = 0.0, 0
+def window_nll(model, windows: torch.Tensor, batch: int = 4) -> list[float]:
+    """Mean next-token NLL per window; ppl = exp(mean of these) (equal-length windows). The same formula
+    as bench/peers/run_llmc_quality.py, so both tools are scored identically."""
+    out: list[float] = []
     for i in range(0, windows.shape[0], batch):
         ids = windows[i : i + batch]
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+        out += F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1).tolist()
+    return out
+
+
+def ppl_of(nll: list[float]) -> float:
+    return math.exp(sum(nll) / len(nll))
 
 
 @torch.inference_mode()
@@ -181,17 +186,18 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     if cfg["rot"]:
         _rotate_weights(model, names, cfg["rot"])
-    gs = Quantize(format=fmt_name)._global_scales(model, SimpleNamespace(arch=arch), names)
+    bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
+    gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), names)  # as export: from bf16
     act_fmt = None if act is None else get_format(act)
     dense: dict[str, torch.Tensor] = {}  # fp32 effective weights of rotated linears
     if cfg["gptq"]:
         _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense)
     else:
         for n in names:
-            w = model.get_submodule(n).weight.detach()
+            w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             imp = _importance(stats[n], cfg, n)
             qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), w.dtype, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), torch.float32, cfg["rot"], dense)
     for n, d in dense.items():  # unrounded: the fp32 forward sees exactly Q(W R) R^T
         model.get_submodule(n).weight.data = d
     err = ref = 0.0
@@ -261,13 +267,13 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
             for h in hooks:
                 h.remove()
         for n in mine:
-            w = model.get_submodule(n).weight.detach()
+            w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             h = hs.pop(n)
             if cfg["rot"]:  # the rotated linear sees x R: its Hessian is R^T H R
                 h = rotate(rotate(h.double(), cfg["rot"]).T, cfg["rot"]).float()
             qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                   act_order=cfg["act_order"], weighting=cfg["weighting"])
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), w.dtype, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), torch.float32, cfg["rot"], dense)
         outs = []
         for args, kwargs in store:
             y = layer(*args, **kwargs)
@@ -275,10 +281,11 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
         store = outs
 
 
-def run_config(spec: str, windows: int, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
-    model, tok = load_model("smollm2-135m", dtype="bfloat16")
+def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
+    """Quantize (from the bf16 checkpoint's values) and score one config; fp32 compute throughout."""
+    model, tok = load_model("smollm2-135m", dtype="float32")  # the bf16 cache's values, exactly, in fp32
     model.eval()
-    row: dict = {"config": spec}
+    row: dict = {"config": spec, "tool": "quantkit"}
     t = time.time()
     if spec != "bf16":
         cfg = parse_spec(spec)
@@ -289,42 +296,189 @@ def run_config(spec: str, windows: int, dev: torch.Tensor, calib: torch.Tensor, 
             cache["stats_s"] = round(time.time() - t0, 1)
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
-    row["quantize_s"] = round(time.time() - t, 1)
-    model.float()  # fp32 compute for every config; QLinear rebuilds its dense cache from the codes
+    row["quantize_s"] = round(time.time() - t, 1)  # after the one-time statistics sweep (stats_s)
     t = time.time()
-    row["dev_ppl"] = window_ppl(model, dev)
-    row["heldout_ppl"] = perplexity(model, tok, seq_len=SEQ_LEN, max_windows=windows)
+    row["dev_nll"] = window_nll(model, dev)
+    row["heldout_nll"] = window_nll(model, heldout)
+    row["dev_ppl"], row["heldout_ppl"] = ppl_of(row["dev_nll"]), ppl_of(row["heldout_nll"])
     row["eval_s"] = round(time.time() - t, 1)
     return row
 
 
-# -- random-weight check ----------------------------------------------------------------------
-def tiny_weight_errors() -> list[dict]:
-    """Weight rel. error per observer on a random-weight tiny Llama (no Q4_1 origin)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# -- llm-compressor in the same run ------------------------------------------------------------
+def run_peer_config(spec: str, heldout_file: Path, dev_file: Path | None, calib_file: Path) -> dict:
+    """spec SCHEME:method (bench/peers/run_llmc_quality.py METHODS) -> a row scored on the same windows."""
+    from bench.peers.common import peer_available, peer_python
+    from quantkit.models import default_model_dir
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    arch = arch_info(model)
-    names = Targets().select(model, arch)
+    scheme, method = spec.split(":")
+    out = WORK / f"llmc_{scheme}_{method}.json"
+    out.unlink(missing_ok=True)
+    windows = [str(heldout_file)] + ([str(dev_file)] if dev_file else [])
+    row = {"config": f"llmc:{spec}", "tool": "llm-compressor", "scheme": PEER_SCHEMES[scheme], "method": method}
+    if not peer_available():
+        return row | {"error": "llm-compressor venv not installed (bash bench/peers/setup_llmcompressor.sh)"}
+    cmd = [str(peer_python()), str(ROOT / "bench" / "peers" / "run_llmc_quality.py"), "--model", str(default_model_dir()),
+           "--scheme", scheme, "--method", method, "--calib", str(calib_file), "--windows", *windows, "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env | {"TOKENIZERS_PARALLELISM": "false"})
+    row["wall_s"] = round(time.time() - t, 1)
+    if not out.exists():
+        return row | {"error": f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}"}
+    res = json.loads(out.read_text())
+    if "error" in res:
+        return row | {"error": res["error"]}
+    row["calib_quant_s"] = round(res["calib_quant_s"], 1)
+    row["heldout_nll"] = res["evals"][0]["window_nll"]
+    row["heldout_ppl"] = res["evals"][0]["ppl"]
+    if dev_file:
+        row["dev_nll"], row["dev_ppl"] = res["evals"][1]["window_nll"], res["evals"][1]["ppl"]
+    row["peer_versions"] = res["versions"]
+    return row
+
+
+# -- random-weight check ----------------------------------------------------------------------
+TINY_ARCHS = ("llama", "qwen2", "gemma", "phi3", "opt")  # tests/tiny_models.py, random weights
+TINY_METHODS = {  # format -> (observer, weighting, gptq)
+    "nvfp4": [("minmax", "none", False), ("mse", "none", False), ("e4m3_local", "none", False),
+              ("four_over_six", "none", False), ("e4m3_local", "channel", False), ("e4m3_local", "hessian", False),
+              ("minmax", "none", True), ("e4m3_local", "none", True)],
+    "mxfp4": [("minmax", "none", False), ("mx_exp", "none", False), ("mx_exp", "channel", False),
+              ("mx_exp", "hessian", False), ("minmax", "none", True), ("mx_exp", "none", True)],
+}
+
+
+@torch.inference_mode()
+def tiny_weight_errors() -> list[dict]:
+    """Per random-weight tiny model and method: weight rel. error and output rel. error
+    tr(E H E^T) / tr(W H W^T) with H from random tokens (the same objective family as on SmolLM2)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import tiny_model
+
+    from quantkit.passes.gptq.solver import gptq_quantize
+
     rows = []
-    # e4m3_grid and range_mse (126 and 201 passes per matrix) are left out here: too slow on the
-    # shared CPUs; tests/formats/test_observers.py checks them on random weights
-    for fmt_name, observers in (("nvfp4", ("minmax", "mse", "e4m3_local", "four_over_six")),
-                                ("mxfp4", ("minmax", "mse", "mx_exp"))):
-        fmt = get_format(fmt_name)
-        gs = Quantize(format=fmt_name)._global_scales(model, SimpleNamespace(arch=arch), names)
-        for obs in observers:
-            err = ref = 0.0
-            for n in names:
-                w = model.get_submodule(n).weight.detach()
-                qt = OBSERVERS.get(obs)(fmt, w, gs.get(n))
-                err += (fmt.dequantize(qt) - w.float()).square().sum().item()
-                ref += w.float().square().sum().item()
-            rows.append({"format": fmt_name, "observer": obs, "weight_rel_err": (err / ref) ** 0.5})
+    for arch_name in TINY_ARCHS:
+        torch.manual_seed(0)
+        model = tiny_model(arch_name).eval()
+        arch = arch_info(model)
+        names = Targets().select(model, arch)
+        ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+        hs: dict[str, torch.Tensor] = {}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: hs.__setitem__(n, hs.get(n, 0) + (lambda x: x.T @ x)(a[0].reshape(-1, a[0].shape[-1]).float())))
+            for n in names]
+        model(input_ids=ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
+        for fmt_name, methods in TINY_METHODS.items():
+            fmt = get_format(fmt_name)
+            gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), names)
+            for obs, weighting, gptq in methods:
+                werr = wref = oerr = oref = 0.0
+                for n in names:
+                    w = bf16_view.get_submodule(n).weight.detach()
+                    h = hs[n]
+                    if gptq:
+                        qt, _ = gptq_quantize(fmt, w, h, gs.get(n), observer=obs)
+                    else:
+                        imp = None if weighting == "none" else (h.diagonal().clone() if weighting == "channel" else h)
+                        qt = OBSERVERS.get(obs)(fmt, w, gs.get(n), imp)
+                    e = fmt.dequantize(qt, torch.float32) - w.float()
+                    werr += float(e.square().sum())
+                    wref += float(w.float().square().sum())
+                    oerr += float((e @ h * e).sum())
+                    oref += float((w.float() @ h * w.float()).sum())
+                rows.append({"arch": arch_name, "format": fmt_name, "observer": obs, "weighting": weighting, "gptq": gptq,
+                             "weight_rel_err": (werr / wref) ** 0.5, "output_rel_err": (oerr / oref) ** 0.5})
     return rows
+
+
+# -- GPTQ knobs on SmolLM2 layers: output error on development text ----------------------------
+GPTQ_KNOBS = {  # format -> observers; every observer runs RTN and GPTQ x damping x act-order
+    "nvfp4": ("minmax", "e4m3_local"),
+    "mxfp4": ("minmax", "mx_exp"),
+}
+DAMPINGS = (0.01, 0.05, 0.1)
+
+
+@torch.inference_mode()
+def _layer_hessians(model, layers: list[int], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X [in, in] of every linear in the given decoder layers, inputs from the unquantized model."""
+    arch = arch_info(model)
+    names = [n for n in Targets().select(model, arch) if any(n.startswith(f"{arch.layers_path}.{i}.") for i in layers)]
+    hs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            hs[name] = hs.get(name, 0) + x.T @ x
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        for i in range(0, windows.shape[0], 4):
+            model(input_ids=windows[i : i + 4], use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return hs
+
+
+def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row=None) -> list[dict]:
+    """Relative output error sum tr(E H_dev E^T) / sum tr(W H_dev W^T) over the layers' linears, E = Q(W) - W,
+    GPTQ fed the calibration Hessians and scored on the development text's (choice on dev, as the ppl rows)."""
+    from quantkit.passes.gptq.solver import gptq_quantize
+
+    model, _ = load_model("smollm2-135m", dtype="float32")
+    model.eval()
+    h_cal, h_dev = _layer_hessians(model, layers, calib), _layer_hessians(model, layers, dev)
+    arch = arch_info(model)
+    rows = []
+    for fmt_name, observers in GPTQ_KNOBS.items():
+        fmt = get_format(fmt_name)
+        bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
+        gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), list(h_cal))
+        configs = [(o, None, False) for o in observers] + [(o, d, ao) for o in observers for d in DAMPINGS for ao in (False, True)]
+        for obs, damp, ao in configs:
+            t = time.time()
+            err = ref = 0.0
+            for n in h_cal:
+                w = model.get_submodule(n).weight.detach().to(torch.bfloat16)
+                if damp is None:
+                    qt = OBSERVERS.get(obs)(fmt, w, gs.get(n))
+                else:
+                    qt, _ = gptq_quantize(fmt, w, h_cal[n], gs.get(n), dampening=damp, observer=obs, act_order=ao)
+                e = fmt.dequantize(qt, torch.float32) - w.float()
+                err += float((e @ h_dev[n] * e).sum())
+                ref += float((w.float() @ h_dev[n] * w.float()).sum())
+            rows.append({"format": fmt_name, "observer": obs, "gptq": damp is not None, "damp": damp, "act_order": ao,
+                         "dev_rel_output_err": err / ref, "seconds": round(time.time() - t, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            if on_row:
+                on_row(rows)
+    return rows
+
+
+def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
+    out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": os.getloadavg()}}
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# GPTQ knobs on SmolLM2-135M layers {layers} (all 7 linears each)", "",
+             "Relative output error on the development split, sum tr(E H_dev E^T) / sum tr(W H_dev W^T), E = Q(W) - W; "
+             f"GPTQ Hessians from the {CALIB_SAMPLES} x {SEQ_LEN} calibration windows; inputs from the unquantized model "
+             "(one layer at a time, not the sequential pipeline). Lower is better.", "",
+             "| format | observer | method | damping | act-order | dev rel. output err | vs RTN minmax | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b for b in rows if b["format"] == r["format"] and not b["gptq"] and b["observer"] == "minmax")
+        lines.append(f"| {r['format']} | {r['observer']} | {'GPTQ' if r['gptq'] else 'RTN'} | {r['damp'] or '-'} | "
+                     f"{'yes' if r['act_order'] else 'no'} | {r['dev_rel_output_err']:.5f} | "
+                     f"{r['dev_rel_output_err'] / base['dev_rel_output_err']:.3f} | {r['seconds']} |")
+    lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; load average "
+              f"at start {env['machine']['loadavg_start']}, at write {out['environment']['loadavg_now']}."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -338,32 +492,106 @@ def environment(argv: list[str]) -> dict:
                         "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
 
 
+def bootstrap_delta(nll: list[float], base: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5-95% interval of Δppl over windows resampled with replacement (paired: the same windows for both)."""
+    a, b = torch.tensor(nll, dtype=torch.float64), torch.tensor(base, dtype=torch.float64)
+    idx = torch.randint(0, len(nll), (n, len(nll)), generator=torch.Generator().manual_seed(seed))
+    d = a[idx].mean(1).exp() - b[idx].mean(1).exp()
+    return float(d.quantile(0.05)), float(d.quantile(0.95))
+
+
+def rotation_column(scheme: str) -> str:
+    """The rotate pass's own bench (bench/results/rotate.json, another engineer's): its best held-out Δ at
+    this scheme against its own bf16 row, or 'not measured'."""
+    f = RESULTS / "rotate.json"
+    if not f.exists():
+        return "not measured"
+    rows = json.loads(f.read_text()).get("rows", [])
+    base = next((r for r in rows if r.get("scheme") == "bf16" and "heldout_ppl" in r), None)
+    mine = [r for r in rows if r.get("scheme") == scheme and "heldout_ppl" in r]
+    if not base or not mine:
+        return "not measured"
+    best = min(mine, key=lambda r: r["heldout_ppl"])
+    return f"rotate.json: {best.get('kind', '?')} {best.get('block') or ''} Δ {best['heldout_ppl'] - base['heldout_ppl']:+.3f}"
+
+
+def _method(r: dict) -> str:
+    if r.get("tool") == "llm-compressor":
+        return f"llm-compressor {r['method']}"
+    if r["config"] == "bf16":
+        return "bf16"
+    gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
+    rot = f" + Hadamard {r['rot']}" if r.get("rot") else ""
+    return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
+
+
 def write(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out["environment"]["machine"]["loadavg_now"] = os.getloadavg()
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     rows = out["rows"]
     base = next((r for r in rows if r["config"] == "bf16"), None)
-    lines = [f"# FP4 quality knobs, SmolLM2-135M ({out['eval']})", "",
-             f"Calibration statistics: {out['calib']}. Development ppl chooses; held-out ppl is reported.", "",
-             "| scheme | observer | weighting | GPTQ | rotation | weight rel. err | dev ppl | held-out ppl | Δppl held-out | quantize s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    peers: dict[str, dict[str, float]] = {}  # scheme -> {"rtn": Δ, "best": Δ, "best_method": ...}
     for r in rows:
-        d = f"{r['heldout_ppl'] - base['heldout_ppl']:+.3f}" if base else "-"
-        gptq = (f"damp {r['damp']}" + (", act-order" if r.get("act_order") else "")) if r.get("gptq") else "-"
-        rot = f"Hadamard {r['rot']}" if r.get("rot") else "-"
-        lines.append(f"| {r.get('scheme', 'bf16')} | {r.get('observer', '-')} | {r.get('weighting', '-')} | {gptq} | {rot} | "
-                     f"{r.get('weight_rel_err', 0):.4f} | {r['dev_ppl']:.3f} | {r['heldout_ppl']:.3f} | {d} | "
-                     f"{r['quantize_s']} |")
-    if out.get("tiny"):
-        lines += ["", "Random-weight tiny Llama (hidden 128, 2 layers), weight rel. error per observer:", "",
-                  "| format | observer | weight rel. err |", "|---|---|---|"]
-        lines += [f"| {r['format']} | {r['observer']} | {r['weight_rel_err']:.5f} |" for r in out["tiny"]]
+        if base and "heldout_ppl" in r:
+            r["heldout_delta"] = r["heldout_ppl"] - base["heldout_ppl"]
+            if "dev_ppl" in r and "dev_ppl" in base:
+                r["dev_delta"] = r["dev_ppl"] - base["dev_ppl"]
+            if r["config"] != "bf16":
+                r["heldout_delta_5_95"] = bootstrap_delta(r["heldout_nll"], base["heldout_nll"])
+        if r.get("tool") == "llm-compressor" and "heldout_delta" in r:
+            pe = peers.setdefault(r["scheme"], {})
+            if r["method"] == "rtn":
+                pe["rtn"] = r["heldout_delta"]
+            if r["heldout_delta"] < pe.get("best", float("inf")):
+                pe["best"], pe["best_method"] = r["heldout_delta"], r["method"]
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# FP4 quality knobs, SmolLM2-135M ({out['eval']})", "",
+             f"Calibration: {out['calib']}. fp32 compute for every row, both tools (weights quantized from the "
+             "bf16 values). Development ppl chooses; held-out ppl is reported. Δ = held-out ppl - bf16's; the 5-95% "
+             "interval is a paired bootstrap over the held-out windows.", "",
+             "| scheme | method (observer / weighting / GPTQ) | rotation | weight rel. err | dev ppl | dev Δ | held-out ppl "
+             "| held-out Δ (5-95%) | Δ / llmc RTN Δ | Δ / best llmc Δ | calib+quant s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('scheme', '-')} | {_method(r)} | - | - | - | - | did not run: {r['error'][:160]} "
+                         "| - | - | - | - |")
+            continue
+        pe = peers.get(r.get("scheme", ""), {})
+        d = r.get("heldout_delta")
+        ci = r.get("heldout_delta_5_95")
+        ratio = lambda k: f"{d / pe[k]:.2f}" if d is not None and pe.get(k) else "-"  # noqa: E731
+        cost = r.get("calib_quant_s", r.get("quantize_s", "-"))
+        rcol = (f"Hadamard {r['rot']} (bench)" if r.get("rot") else
+                "-" if r.get("tool") == "llm-compressor" or r["config"] == "bf16" else rotation_column(r["scheme"]))
+        lines.append(
+            f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | "
+            f"{r['weight_rel_err']:.4f} | " if "weight_rel_err" in r else
+            f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | - | ")
+        lines[-1] += (f"{r['dev_ppl']:.3f} | " if "dev_ppl" in r else "- | ") + \
+            (f"{r['dev_delta']:+.3f} | " if "dev_delta" in r else "- | ") + \
+            f"{r['heldout_ppl']:.3f} | " + (f"{d:+.3f} ({ci[0]:+.2f}..{ci[1]:+.2f})" if ci else
+                                           (f"{d:+.3f}" if d is not None else "-")) + \
+            f" | {ratio('rtn')} | {ratio('best')} | {cost} |"
+    if peers:
+        lines += ["", "llm-compressor per scheme (held-out Δ): " + "; ".join(
+            f"{k}: RTN {v.get('rtn', float('nan')):+.3f}, best {v['best_method']} {v['best']:+.3f}" for k, v in peers.items())]
+    if out.get("tiny") and "arch" in out["tiny"][0]:
+        archs = list(dict.fromkeys(r["arch"] for r in out["tiny"]))
+        lines += ["", "Random-weight tiny models (tests/tiny_models.py, hidden 64, 2 layers): weight / output "
+                  "rel. error (output: sqrt(tr(E H E^T) / tr(W H W^T)), H from 8 x 64 random tokens), per method:", "",
+                  "| format | method | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
+        keys = list(dict.fromkeys((r["format"], r["observer"], r["weighting"], r["gptq"]) for r in out["tiny"]))
+        for k in keys:
+            cells = [next(f"{r['weight_rel_err']:.4f} / {r['output_rel_err']:.4f}" for r in out["tiny"]
+                          if r["arch"] == a and (r["format"], r["observer"], r["weighting"], r["gptq"]) == k) for a in archs]
+            lines.append(f"| {k[0]} | {k[1]} / {k[2]}{' / GPTQ' if k[3] else ''} | " + " | ".join(cells) + " |")
     env = out["environment"]
     lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; "
               f"versions {env['versions']}; load average at start {env['machine']['loadavg_start']}, "
-              f"at write {env['machine']['loadavg_now']} on {env['machine']['cpus']} CPUs (shared: timings are not "
-              "comparable between rows)."]
+              f"at write {env['machine']['loadavg_now']} on {env['machine']['cpus']} CPUs (shared: wall times are "
+              "not comparable between rows; quantkit's calib+quant s excludes the one-time statistics sweep "
+              f"stats_s={out.get('stats_s')})."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -372,27 +600,71 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
     p.add_argument("--dev-windows", type=int, default=8, help="development windows of 512 tokens")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="bf16 or scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN], ...")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="bf16 or scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN], ...; empty: none")
+    p.add_argument("--peers", default="", help="llm-compressor rows SCHEME:method,... (rtn, rtn_mse, "
+                   "rtn_expanded_mse, gptq, gptq_mse, quip_gptq)")
     p.add_argument("--no-tiny", action="store_true", help="skip the random-weight tiny-model check")
+    p.add_argument("--tiny-only", action="store_true", help="only the random-weight tiny-model check")
     p.add_argument("--name", default="fp4_quality", help="results file stem under bench/results/")
+    p.add_argument("--gptq-knobs", default="", help="decoder layers (e.g. 5,20): the GPTQ knob table instead of ppl rows")
+    p.add_argument("--merge", default="", help="stems of earlier result JSONs (same windows) to combine into --name")
     args = p.parse_args(argv)
-    _, tok = load_model("smollm2-135m", dtype="bfloat16")
+    if args.merge:  # processes run side by side on the shared machine, one table
+        parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge.split(",")]
+        out = parts[0] | {"rows": [r for part in parts for r in part["rows"]], "merged_from": {
+            m: part["environment"] for m, part in zip(args.merge.split(","), parts)}}
+        out["tiny"] = next((part["tiny"] for part in parts if part.get("tiny")), [])
+        out["stats_s"] = next((part["stats_s"] for part in parts if part.get("stats_s")), None)
+        write(out, args.name)
+        return out
+    import numpy as np
+
+    from quantkit.eval import eval_windows
+
+    if args.tiny_only:  # no SmolLM2 data needed
+        out = {"model": "tiny random models", "eval": "weight and output error only", "calib": "-",
+               "environment": environment(argv), "rows": [], "tiny": tiny_weight_errors()}
+        write(out, args.name)
+        return out
+
+    model, tok = load_model("smollm2-135m", dtype="bfloat16")
     calib_texts, dev_texts = split_calib_texts()
     calib = windows_of(tok, calib_texts, CALIB_SAMPLES, SEED)
     dev = windows_of(tok, dev_texts, args.dev_windows, None)
-    out = {"model": "smollm2-135m", "eval": f"held-out split, {args.windows} windows x {SEQ_LEN} tokens; dev split "
+    heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows)  # quantkit eval's windows (BOS)
+    del model
+    if args.gptq_knobs:
+        layers = [int(x) for x in args.gptq_knobs.split(",")]
+        env = environment(argv)
+        rows = gptq_knobs(layers, calib, windows_of(tok, dev_texts, 8, None),
+                          on_row=lambda rs: write_gptq(rs, layers, env, args.name))
+        return {"rows": rows}
+    WORK.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for n, t in (("calib", calib), ("dev", dev), ("heldout", heldout)):
+        files[n] = WORK / f"{n}_{t.shape[0]}x{SEQ_LEN}.npy"
+        np.save(files[n], t.numpy())
+    out = {"model": "smollm2-135m", "eval": f"held-out split, {heldout.shape[0]} windows x {SEQ_LEN} tokens; dev split "
            f"{dev.shape[0]} windows x {SEQ_LEN} from every {DEV_EVERY}th calibration article",
            "calib": f"{CALIB_SAMPLES} x {SEQ_LEN} tokens (seed {SEED}) from the other calibration articles",
            "environment": environment(argv), "rows": [], "tiny": []}
     if not args.no_tiny:
         out["tiny"] = tiny_weight_errors()
         write(out, args.name)
+    if args.tiny_only:
+        return out
     cache: dict = {}
-    for spec in args.configs.split(","):
-        row = run_config(spec, args.windows, dev, calib, cache)
+    for spec in filter(None, args.configs.split(",")):
+        row = run_config(spec, heldout, dev, calib, cache)
         out["rows"].append(row)
         out["stats_s"] = cache.get("stats_s")
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
+        write(out, args.name)
+    for spec in filter(None, args.peers.split(",")):
+        row = run_peer_config(spec, files["heldout"], files["dev"], files["calib"])
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)
     return out
 
