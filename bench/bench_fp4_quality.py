@@ -101,8 +101,9 @@ def ppl_of(nll: list[float]) -> float:
 
 
 @torch.inference_mode()
-def collect_stats(model, names: list[str], calib: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Per linear: E[x^2] per input channel [in], X^T X [in, in] (fp32), amax of |x| (scalar)."""
+def collect_stats(model, names: list[str], calib: torch.Tensor, hessian: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Per linear: E[x^2] per input channel [in], amax of |x| (scalar) and, when asked, X^T X [in, in] (fp32;
+    the costly part on 2 shared cores, so configs that do not weigh by it skip it)."""
     stats: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     tokens = {"n": 0}
 
@@ -111,7 +112,8 @@ def collect_stats(model, names: list[str], calib: torch.Tensor) -> dict[str, dic
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, in]
             s = stats[name]
             s["sq"] = s.get("sq", 0) + x.square().sum(0)
-            s["h"] = s.get("h", 0) + x.T @ x
+            if hessian:
+                s["h"] = s.get("h", 0) + x.T @ x
             s["amax"] = torch.maximum(s.get("amax", torch.zeros(())), x.abs().amax())
         return hook
 
@@ -290,9 +292,11 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
     if spec != "bf16":
         cfg = parse_spec(spec)
         names = Targets().select(model, arch_info(model))
-        if "stats" not in cache:
+        need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
+        if "stats" not in cache or (need_h and not cache.get("has_h")):
             t0 = time.time()
-            cache["stats"] = collect_stats(model, names, calib)
+            cache["stats"] = collect_stats(model, names, calib, hessian=need_h)
+            cache["has_h"] = need_h
             cache["stats_s"] = round(time.time() - t0, 1)
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
