@@ -186,6 +186,11 @@ def _markdown(result: dict) -> str:
                "was shared with other jobs.")
     if result.get("provenance"):
         out += ["", *provenance_markdown(result["provenance"], result["loadavg_end"])]
+    for key, run in result.get("section_runs", {}).items():
+        where = f"commit `{run['commit'][:12]}`, `{run['command']}`"
+        if run.get("machine"):
+            where += f", {run['machine']}"
+        out.append(f"- {key}: measured by {where}")
     if result.get("perplexity"):
         out += ["", f"## SmolLM2-135M perplexity ({result['windows']} x {SEQ_LEN}-token held-out windows; "
                 f"static columns and int8 shares from {result.get('calib_samples')} x {SEQ_LEN} calibration tokens)", "",
@@ -244,17 +249,23 @@ def main(argv: list[str] | None = None) -> dict:
         result["calib_samples"] = args.calib_samples
         result["perplexity"] = perplexity_rows(args.windows, args.calib_samples)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result["loadavg_end"] = os.getloadavg()
+    this_run = {"commit": prov["commit"], "command": prov["command"], "loadavg_start": prov["machine"]["loadavg_start"],
+                "loadavg_end": result["loadavg_end"]}
+    result["section_runs"] = {k: this_run for k in ("latency", "perplexity") if k in result}
     previous = RESULTS / f"{NAME}.json"
-    if previous.exists():  # a skipped section keeps its last measured rows
+    if previous.exists():  # a skipped section keeps its last measured rows, and which run measured them
         old = json.loads(previous.read_text())
         for key in ("latency", "perplexity"):
             if key not in result and key in old:
                 result[key] = old[key]
+                result["section_runs"][key] = old.get("section_runs", {}).get(key) or {
+                    "commit": "unknown", "command": "unknown: written before results recorded their provenance",
+                    "machine": old.get("machine")}
                 if key == "latency":
                     result["threads"], result["reps"] = old.get("threads"), old.get("reps")
                 else:
                     result["windows"], result["calib_samples"] = old.get("windows"), old.get("calib_samples")
-    result["loadavg_end"] = os.getloadavg()
     (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{NAME}.md").write_text(_markdown(result))
     return result
