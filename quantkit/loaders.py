@@ -108,6 +108,15 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return where, name
 
 
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _folder(where: str) -> str:
+    """What goes on sys.path: the file's folder, or the current directory for a module."""
+    return str(Path(where).resolve().parent) if _is_file(where) else os.getcwd()
+
+
 def _import_file(spec: str, path: Path):
     if not path.is_file():
         raise ModelLoadError(f"--loader {spec!r}: file {path} does not exist")
@@ -140,10 +149,8 @@ def _import_module(spec: str, dotted: str):
 def resolve_loader(spec: str) -> Callable:
     """package.module:function or path/to/file.py:function -> the function."""
     where, name = _split_spec(spec)
-    is_file = where.endswith(".py") or os.sep in where or "/" in where
-    folder = str(Path(where).resolve().parent) if is_file else os.getcwd()
-    with _on_path(folder):
-        module = _import_file(spec, Path(where)) if is_file else _import_module(spec, where)
+    with _on_path(_folder(where)):
+        module = _import_file(spec, Path(where)) if _is_file(where) else _import_module(spec, where)
     fn = getattr(module, name, None)
     if fn is None:
         raise ModelLoadError(f"--loader {spec!r}: {where} has no attribute {name!r}")
@@ -155,10 +162,8 @@ def resolve_loader(spec: str) -> Callable:
 def call_loader(spec: str, model_arg: str | None = None) -> Loaded:
     """Resolve and call the loader (with MODEL when given); -> its result, checked."""
     fn = resolve_loader(spec)
-    where, _ = _split_spec(spec)
-    folder = str(Path(where).resolve().parent) if where.endswith(".py") or "/" in where else os.getcwd()
     try:
-        with _on_path(folder):
+        with _on_path(_folder(_split_spec(spec)[0])):
             result = fn() if model_arg is None else fn(model_arg)
     except QuantkitError:
         raise

@@ -107,6 +107,17 @@ def test_apply_model_module_writes_a_checkpoint_that_reloads_with_equal_logits(t
                               atol=1e-3)  # and the checkpoint is not simply the unquantized model
 
 
+def test_apply_model_module_writes_the_same_bytes_as_the_spec_path(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe("int8-w8a8", NO_EVAL + SMALL)
+    apply(recipe, str(tiny_llama_dir), output=tmp_path / "spec", execution="whole")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    apply(recipe, model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_llama_dir), output=tmp_path / "module")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "spec" / name).read_bytes() == (tmp_path / "module" / name).read_bytes(), name
+
+
 def test_apply_takes_a_module_positionally_too(tmp_path):
     report = apply(load_recipe("int8-w8a16", NO_EVAL), TinyVLA().language_model, output=None)
     assert report.details["quantize"]["modules"] == 14  # 2 layers x 7 linears, no calibration data needed
