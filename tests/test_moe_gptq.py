@@ -146,3 +146,21 @@ def test_gptq_expert_routed_to_nobody_falls_back_to_round_to_nearest(tiny_dirs, 
                 assert torch.equal(f.get_tensor(k), t), k  # bit-exact round-to-nearest
             elif k.endswith("weight_packed"):
                 assert not torch.equal(f.get_tensor(k), t), k
+
+
+def test_gptq_experts_stream_to_the_same_bytes_as_whole_model(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from quantkit.cli import app
+
+    written = {}
+    for execution in ("whole", "streaming"):
+        out = tmp_path / execution
+        result = CliRunner().invoke(app, ["apply", "nvfp4-w4a16-gptq", str(tiny_dirs["qwen2_moe"]), "-o", str(out),
+                                          "--no-eval", "--execution", execution,
+                                          "--set", "calib.seq_len=64", "--set", "calib.n_samples=2"])
+        assert result.exit_code == 0, result.output
+        written[execution] = load_file(out / "model.safetensors")
+    whole, streamed = written["whole"], written["streaming"]
+    assert whole.keys() == streamed.keys() and any(".experts.3." in k for k in whole)
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole)
