@@ -20,6 +20,9 @@ from quantkit.export.shards import ShardWriter, finalize
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32),
+    # the 7B's width at a quarter of its depth: streaming's peak RSS should not depend on depth
+    "llama-7b-8l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32,
+                        num_key_value_heads=32),
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8),
 }

@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -92,6 +93,33 @@ def _parse_gnu_time(text: str) -> dict:
     return out
 
 
+def peer_env() -> dict[str, str]:
+    """The peer must not see quantkit's environment (its venv, PYTHONPATH) or it may import the
+    wrong transformers; tokenizers' fork warning is noise here."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def peer_command(scheme: str, model_dir: str | os.PathLike, calib_file: str | os.PathLike, out_dir: str | os.PathLike,
+                 json_file: str | os.PathLike, *, gptq: bool = False, threads: int = 0,
+                 overwrite: bool = False) -> list[str]:
+    """The peer runner's command line (a caller may wrap it in its own measurement); clears
+    out_dir when overwrite, and the previous JSON."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and overwrite:
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    Path(json_file).unlink(missing_ok=True)
+    cmd = [str(peer_python()), str(RUNNER), "--model", str(model_dir), "--scheme", scheme,
+           "--calib", str(calib_file), "--out", str(out_dir), "--json", str(json_file)]
+    if gptq:
+        cmd.append("--gptq")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
 def run_peer(
     scheme: str,
     model_dir: str | os.PathLike,
@@ -113,30 +141,25 @@ def run_peer(
     if not peer_available():
         raise PeerError(f"llm-compressor is not installed in {VENV_DIR}; run bash {SETUP}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and overwrite:
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     json_file = out_dir.parent / f"{out_dir.name}.peer.json"
-    json_file.unlink(missing_ok=True)
-
-    cmd = [str(peer_python()), str(RUNNER), "--model", str(model_dir), "--scheme", scheme,
-           "--calib", str(calib_file), "--out", str(out_dir), "--json", str(json_file)]
-    if gptq:
-        cmd.append("--gptq")
-    if threads:
-        cmd += ["--threads", str(threads)]
+    cmd = peer_command(scheme, model_dir, calib_file, out_dir, json_file, gptq=gptq, threads=threads,
+                       overwrite=overwrite)
     time_file = out_dir.parent / f"{out_dir.name}.time.txt"
     if GNU_TIME.exists():
         cmd = [str(GNU_TIME), "-v", "-o", str(time_file), *cmd]
 
-    # The peer must not see quantkit's environment (its venv, PYTHONPATH) or it may import the
-    # wrong transformers; tokenizers' fork warning is noise here.
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env["TOKENIZERS_PARALLELISM"] = "false"
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # Its own process group, so a timeout kills the peer itself, not only /usr/bin/time above it
+    # (whose orphaned child would keep running and holding the output pipes).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=peer_env(),
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     wall = time.perf_counter() - start
-    log = proc.stdout + proc.stderr
     if log_file:
         Path(log_file).write_text(log)
     if proc.returncode != 0 or not json_file.exists():
