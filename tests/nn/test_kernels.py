@@ -165,7 +165,8 @@ def test_w8a16_kernel_chosen_for_bf16_and_tiled_for_fp32():
     assert torch.equal(q(x), F.linear(x, q.dequantized_weight(torch.float32), q.bias.float()))
 
 
-def test_compiled_activation_quantization_equals_eager(monkeypatch):
+def test_compile_failure_falls_back_to_eager_with_reference_values(monkeypatch):
+    # (the compiled path itself is not bit-exact: inductor divides bf16 in fp32; docs/runtime.md)
     monkeypatch.setenv(k_int8.COMPILE_ENV, "1")
     monkeypatch.setattr(k_int8, "compile_failed", [])
 

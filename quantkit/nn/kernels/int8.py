@@ -41,8 +41,10 @@ compile_failed: list[str] = []  # why compile was abandoned, for the kernel repo
 def quantize_activations(x: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """act_codes, fused by torch.compile when QUANTKIT_COMPILE=1 (eager otherwise or on failure).
 
-    Off by default: inductor's first compile costs about a minute on a 2-core CPU (measured in
-    bench/bench_runtime.py), far more than it saves in a short CLI run.
+    Off by default, and not the reference numerics (docs/runtime.md, bench/results/runtime.md):
+    inductor divides bf16 activations in fp32 instead of in bf16, so about 8% of the codes differ
+    by one from compressed-tensors' arithmetic, and on this project's CPU the compiled layer was
+    no faster (0.55-1.02x of eager) after a first compile of minutes.
     """
     if os.environ.get(COMPILE_ENV) != "1" or compile_failed:
         return act_codes(x, out_dtype)
