@@ -83,6 +83,7 @@ def apply(
     progress: ProgressFactory = null_progress,
     execution: str | None = None,
     max_shard_size: str | int | None = None,
+    offload_dir: str | Path | None = None,
 ) -> Report:
     """Load the model, run the recipe's passes block by block, evaluate, gate, and write the checkpoint.
 
@@ -93,6 +94,8 @@ def apply(
     model: an nn.Module already in memory instead of a spec (whole-model execution; the tokenizer
     is optional). calib_batches: input_ids [b, s] tensors or dicts of forward kwargs that replace
     the recipe's calib data. See docs/loaders.md.
+    offload_dir: streaming keeps embeddings, head and calibration states memory-mapped from files
+    there (None takes the recipe's; implies streaming). See docs/streaming.md.
     """
     from quantkit.export.shards import parse_size
     from quantkit.export.writer import output_layout
@@ -121,6 +124,9 @@ def apply(
     mode, why = plan.choose_execution(requested, recipe.passes, model_dir)
     if given is not None:
         mode, why = "whole", "model given in memory"
+    offload_root = offload_dir if offload_dir is not None else recipe.offload_dir
+    if offload_root is not None:
+        mode, why = plan.with_offload(requested, mode, why, recipe.passes, model_dir)
     rank, world = distributed.world()
     if world > 1 and given is not None:
         raise RecipeError("torchrun runs read the model from a checkpoint on disk; a model given in memory runs "
@@ -145,7 +151,8 @@ def apply(
         if given is not None:
             model, tokenizer, residency = given.adopt(dtype, dev)
         else:
-            model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code)
+            model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code,
+                                                offload_root)
     seconds["load"] = time.perf_counter() - t
     report.device = str(dev)
     from quantkit.loaders import arch_for, check_scopes, evaluable
@@ -240,6 +247,9 @@ def apply(
                 atomic_write_text(tmp / "report.json", report.to_json())
                 atomic_write_text(tmp / "report.md", report.to_markdown())
     seconds["total"] = time.perf_counter() - started
+    if getattr(residency, "offload", None) is not None:  # --offload-dir: its files go now (errors: at collection)
+        report.details["execution"]["offload_dir"] = str(residency.offload.dir)
+        residency.offload.close()
     report.model_obj = model  # for in-process callers (tests, benchmarks); not serialized
     return report
 
@@ -266,7 +276,8 @@ def _verify_output(path: Path, layout: str, ctx: Context) -> dict:
     return {"errors": 0, "warnings": len(result.warnings)}
 
 
-def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.device, trust_remote_code: bool):
+def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.device, trust_remote_code: bool,
+          offload_root: str | Path | None = None):
     """-> (model, tokenizer, residency)."""
     from quantkit.stream.residency import StreamResidency, WholeResidency, build_skeleton
     from quantkit.stream.source import SafetensorsSource
@@ -283,7 +294,10 @@ def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.d
     model = build_skeleton(model_dir, want, trust_remote_code)
     arch = arch_info(model)
     prefixes = [f"{arch.layers_path}.{i}" for i in range(arch.num_layers)]
-    residency = StreamResidency(model, SafetensorsSource(model_dir), prefixes, dev)
+    from quantkit.stream.offload import OffloadStore
+
+    offload = OffloadStore(offload_root) if offload_root is not None else None
+    residency = StreamResidency(model, SafetensorsSource(model_dir), prefixes, dev, offload)
     residency.load_resident()
     return model, tok, residency
 

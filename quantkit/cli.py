@@ -44,6 +44,7 @@ def apply(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip perplexity/KL evaluation")] = False,
     execution: Annotated[Optional[str], typer.Option("--execution", help="auto (default: streaming when the model would not comfortably fit in memory), whole, or streaming (one decoder block in memory at a time)")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB (default) or 500MB")] = None,
+    offload_dir: Annotated[Optional[Path], typer.Option("--offload-dir", help="streaming with host RAM short too: keep embeddings, head and calibration states memory-mapped from files in DIR (implies --execution streaming)")] = None,
     layout: Annotated[Optional[str], typer.Option("--layout", help="checkpoint layout: auto (what the passes need) or bnb-int8 (bitsandbytes LLM.int8, with the llm-int8 recipe); sets the recipe's output.layout")] = None,
     loader: Annotated[Optional[str], typer.Option("--loader", help="package.module:function or path/to/file.py:function returning the model (or model, tokenizer, calibration batches); see docs/loaders.md")] = None,
 ) -> None:
@@ -60,6 +61,8 @@ def apply(
             overrides.append(f"execution={execution}")
         if max_shard_size is not None:
             overrides.append(f"output.max_shard_size={max_shard_size}")
+        if offload_dir is not None:
+            overrides.append(f"offload_dir={offload_dir}")
         if layout is not None:
             overrides.append(f"output.layout={layout}")
         rec = load_recipe(recipe, overrides)

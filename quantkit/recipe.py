@@ -63,6 +63,9 @@ class Recipe(BaseModel):
     # whole: the model in memory; streaming: one decoder block at a time; auto: streaming when
     # the checkpoint would not comfortably fit in memory (and every pass can stream)
     execution: Literal["auto", "whole", "streaming"] = "auto"
+    # streaming with host RAM short too: what stays resident between blocks (embeddings, head,
+    # calibration hidden states) is memory-mapped from files in this directory (docs/streaming.md)
+    offload_dir: str | None = None
     passes: list[Any]
 
     def to_dict(self) -> dict:
@@ -182,6 +185,9 @@ def _check_plan(where: str, recipe: Recipe) -> None:
             raise RecipeError(f"{where}: {e}") from None
     if recipe.execution == "streaming":
         check_streamable(recipe.passes, where)
+    if recipe.offload_dir is not None and recipe.execution == "whole":
+        raise RecipeError(f"{where}: offload_dir needs execution: streaming (it offloads what streaming keeps "
+                          "between blocks)")
     if recipe.output.save:
         _check_fp4_folds(where, recipe)
     _check_rotations(where, recipe)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantkit.errors import RecipeError
 from quantkit.stream.capture import Call, capture, run_block
 from quantkit.stream.residency import WholeResidency
 
@@ -51,20 +52,61 @@ def block_prefixes(ctx) -> list[str]:
     return [f"{ctx.arch.layers_path}.{i}" for i in range(ctx.arch.num_layers)]
 
 
+def first_sweep_pass(passes) -> int | None:
+    """Index of the first pass that needs every block's statistics before changing any (MASA), or None."""
+    return next((k for k, p in enumerate(passes) if hasattr(p, "observe_block")), None)
+
+
 def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[int], None] | None = None,
               only: range | None = None) -> None:
-    """Run block passes over every decoder block (or the blocks in `only`: a rank's share), in order, once."""
-    model, arch = ctx.model, ctx.arch
-    residency = getattr(ctx, "residency", None) or WholeResidency(model)
-    blocks = list(arch.layers(model))
-    prefixes = block_prefixes(ctx)
+    """Run block passes over every decoder block (or the blocks in `only`: a rank's share), in order, once.
+
+    A pass that needs every block first (it has observe_block/fit, e.g. MASA) splits the stage into
+    two sweeps: sweep 1 runs the passes before it and its observe_block on every block, then its
+    fit(); sweep 2 runs it (run_block) and the passes after it, with the writer and the evaluation.
+    Between the sweeps a streaming run holds only what fit() kept, never the blocks.
+    """
+    model = ctx.model
     for i, p in enumerate(passes):
         ctx.needed = set().union(*(q.requirements() for q in passes[i + 1:])) | getattr(ctx, "needed_later", set())
         p.begin(ctx)
     ctx.needed = set()
+    split = first_sweep_pass(passes)
+    if split is not None:
+        if only is not None:
+            raise RecipeError(f"pass {passes[split].name!r} needs every block's statistics; it cannot split blocks "
+                              "across processes")
+        observer = passes[split]
+        _sweep(passes[:split], ctx, observer=observer)
+        observer.fit(ctx)
+        passes_now = passes[split:]
+    else:
+        passes_now = passes
+    _sweep(passes_now, ctx, writer=writer, evaluation=evaluation, progress=progress, only=only)
+    for p in passes:
+        if only is None or 0 in only:  # targets outside the blocks belong to the first rank
+            p.run_rest(model, ctx)
+        p.finish(ctx)
+        ctx.provided |= set(p.provided_facts())
+
+
+def _sweep(passes, ctx, *, observer=None, writer=None, evaluation=None,
+           progress: Callable[[int], None] | None = None, only: range | None = None) -> None:
+    """One pass over the blocks: onload, [reference eval], passes, [observer], propagate, [eval, write], release."""
+    model, arch = ctx.model, ctx.arch
+    residency = getattr(ctx, "residency", None) or WholeResidency(model)
+    blocks = list(arch.layers(model))
+    prefixes = block_prefixes(ctx)
     need_inputs = any(p.needs_inputs(ctx) for p in passes)
+    if observer is not None:
+        need_inputs = need_inputs or observer.observe_needs_inputs(ctx)
     captured = capture(model, blocks, ctx.calib_batches()) if need_inputs else None
-    hidden = captured.hidden if captured else None
+    store = getattr(residency, "offload", None)  # --offload-dir: the calibration states live in files
+
+    def keep(states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [store.put(h, "calib") for h in states] if store is not None else states
+
+    hidden = keep(captured.hidden) if captured else None
     device = ctx.device
     keep_original = any(p.needs_teacher for p in passes)
     for i, (prefix, block) in enumerate(zip(prefixes, blocks)):
@@ -79,8 +121,16 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
         for p in passes:
             ctx.progress = None
             p.run_block(blk, ctx)
+        if observer is not None:
+            observer.observe_block(blk, ctx)
         if captured is not None and i + 1 < len(blocks):
-            hidden = [h.to(device) for h in blk.forward()]
+            # the observer, last to see the block, may already have run it on these inputs
+            outputs = blk.extra.pop("outputs", None)
+            outputs = [h.to(device) for h in (outputs if outputs is not None else blk.forward())]
+            if store is not None:
+                for h in hidden:  # this block's inputs are spent: their files go (mappings stay valid)
+                    store.drop(h)
+            hidden = keep(outputs)
         if evaluation is not None:
             evaluation.quantized(i, block)
         if writer is not None:
@@ -88,8 +138,3 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
         residency.release(prefix)
         if progress:
             progress(1)
-    for p in passes:
-        if only is None or 0 in only:  # targets outside the blocks belong to the first rank
-            p.run_rest(model, ctx)
-        p.finish(ctx)
-        ctx.provided |= set(p.provided_facts())

@@ -25,11 +25,32 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# facts of passes that only observe the model (they leave every weight as it is)
+OBSERVING_FACTS = frozenset({"calib", "act_stats"})
+
+
+def changes_weights(p) -> bool:
+    return not p.provided_facts() <= OBSERVING_FACTS
+
+
+def sweeps_first(p) -> bool:
+    """A block pass that needs every block's statistics before it changes any (MASA): two sweeps."""
+    return hasattr(p, "observe_block")
+
+
 def stages(passes) -> list[list]:
-    """Consecutive block passes share one block loop; a whole-model pass is a stage of its own."""
+    """Consecutive block passes share one block loop; a whole-model pass is a stage of its own.
+
+    A two-sweep pass (MASA) joins the loop before it only if the passes there leave the weights
+    as they are: its first sweep runs them too, and a streaming run cannot keep their changes
+    between the sweeps (the released blocks are read again from the source).
+    """
     out: list[list] = []
     for p in passes:
-        if p.execution == "block" and out and out[-1][0].execution == "block":
+        joins = p.execution == "block" and out and out[-1][0].execution == "block"
+        if joins and sweeps_first(p) and any(changes_weights(q) or sweeps_first(q) for q in out[-1]):
+            joins = False
+        if joins:
             out[-1].append(p)
         else:
             out.append([p])
@@ -47,6 +68,25 @@ def check_streamable(passes, where: str = "recipe") -> None:
             f"{where}: pass {whole_only[0].name!r} needs the whole model in memory; it cannot run with "
             "execution: streaming (use --execution whole)"
         )
+    split = stages(passes)
+    if len(split) > 1:
+        first = split[1][0]
+        raise RecipeError(
+            f"{where}: pass {first.name!r} needs every block's statistics before it changes any, and a pass "
+            f"before it ({split[0][-1].name!r}) changes weights; streaming cannot keep those changes between "
+            "its two sweeps (put it first, or use --execution whole)"
+        )
+
+
+def with_offload(requested: str, mode: str, why: str, passes, model_dir: Path | None) -> tuple[str, str]:
+    """--offload-dir moves what streaming keeps between blocks to disk: it implies streaming."""
+    if mode == "streaming":
+        return mode, why
+    if requested == "whole" or model_dir is None:
+        raise RecipeError("--offload-dir offloads what streaming keeps between blocks; it needs execution: "
+                          "streaming and a safetensors checkpoint on disk (not execution: whole)")
+    check_streamable(passes)
+    return "streaming", "--offload-dir given"
 
 
 def gguf_shards_dir(path: Path) -> Path:
@@ -109,6 +149,8 @@ def choose_execution(requested: str, passes, model_dir: Path | None) -> tuple[st
         return "whole", "requested"
     if model_passes(passes):
         return "whole", f"pass {model_passes(passes)[0].name!r} needs the whole model"
+    if len(stages(passes)) > 1:
+        return "whole", f"pass {stages(passes)[1][0].name!r} needs two sweeps after a pass that changes weights"
     if model_dir is None:
         return "whole", "no safetensors checkpoint to stream from"
     size, avail = checkpoint_bytes(model_dir), available_memory()

@@ -16,6 +16,7 @@ from torch import nn
 
 from quantkit.errors import ModelLoadError
 from quantkit.export.writer import tied_names
+from quantkit.stream.offload import OffloadStore
 from quantkit.stream.source import SafetensorsSource
 
 
@@ -48,8 +49,9 @@ class StreamResidency:
     streaming = True
 
     def __init__(self, model: nn.Module, source: SafetensorsSource, block_prefixes: list[str],
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), offload: OffloadStore | None = None):
         self.model, self.source, self.device = model, source, device
+        self.offload = offload  # --offload-dir: resident tensors and calibration states memory-mapped from files
         self.block_prefixes = block_prefixes
         self._prefix_fix = self._find_prefix_fix()
         # checkpoints whose layout differs from the model's (e.g. per-expert MoE tensors that
@@ -134,6 +136,36 @@ class StreamResidency:
 
     def load_resident(self) -> None:
         """Everything outside the decoder blocks: embeddings, final norm, head (tied head once)."""
+        self._load_resident()
+        self._place_non_persistent()
+        if self.offload is not None:
+            self._offload_resident()
+
+    def _place_non_persistent(self) -> None:
+        """Non-persistent buffers (rotary tables, masks) are built real on the CPU by the skeleton and
+        never come from the checkpoint: with --device cuda they must follow the blocks to the device."""
+        for module in self.model.modules():
+            for leaf in module._non_persistent_buffers_set:
+                b = module._buffers.get(leaf)
+                if b is not None and b.device.type != "meta" and b.device != self.device:
+                    module._buffers[leaf] = b.to(self.device)
+
+    def _offload_resident(self) -> None:
+        """Resident tensors (outside the blocks) replaced by copies memory-mapped from the offload dir."""
+        tied = tied_names(self.model)
+        for name, t in persistent_tensors(self.model).items():
+            if self._in_block(name) or name in tied or t.device.type != "cpu":
+                continue
+            owner, leaf = _owner(self.model, name)
+            mapped = self.offload.put(t, tag=name)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(mapped, requires_grad=False)
+            else:
+                owner._buffers[leaf] = mapped
+        if tied:
+            self.model.tie_weights()
+
+    def _load_resident(self) -> None:
         if self._converted is not None:
             self._load_converted("")
             if tied_names(self.model):
@@ -168,6 +200,10 @@ class StreamResidency:
             for leaf, b in list(module._buffers.items()):
                 if b is not None and leaf not in module._non_persistent_buffers_set and b.device.type != "meta":
                     module._buffers[leaf] = torch.empty_like(b, device="meta")
+            # weights derived from released tensors and cached outside the buffers (DictLinear's
+            # materialized W_l) would otherwise keep every released block's layer alive
+            if getattr(module, "_dense", None) is not None:
+                module._dense = module._dense_key = None
 
 
 def build_skeleton(model_dir: str | Path, dtype, trust_remote_code: bool = False) -> nn.Module:

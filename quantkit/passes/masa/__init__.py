@@ -21,7 +21,7 @@ from quantkit.export import masa_layout  # noqa: F401  registers the masa module
 from quantkit.nn.dict_linear import AtomBank, DictLinear, banks
 from quantkit.passes.base import Pass, register_pass
 from quantkit.targets import set_module
-from quantkit.passes.masa.stats import collect_input_grams, logit_lens_boundaries
+from quantkit.passes.masa.stats import LensState, block_grams, finish_block_grams, grams_by_role
 
 SHAREABLE_ROLES = ("q", "k", "v", "o")
 
@@ -32,6 +32,9 @@ class Masa(Pass):
     summary: ClassVar[str] = "share q/k/v/o weights across layers via Matrix-PCA atom dictionaries"
     provides: ClassVar[frozenset[str]] = frozenset({"masa"})
     output_layout: ClassVar[str | None] = "quantkit"
+    # every block's statistics are needed before any block changes: the block loop runs a first
+    # sweep (observe_block) and fit() before the sweep that applies (run_block)
+    execution: ClassVar[str] = "block"
 
     roles: list[Literal["q", "k", "v", "o"]] = ["q", "k", "v", "o"]
     # reduction of all attention parameters (0.2 = 20% fewer); None when `atoms` sets the budget
@@ -61,31 +64,76 @@ class Masa(Pass):
         return self
 
     @property
-    def needs_inputs(self) -> bool:
+    def uses_grams(self) -> bool:
+        """Whether the fit reads calibration input Grams (refit or whitened residuals)."""
         return self.refit or self.residual_share > 0
 
     def requirements(self) -> frozenset[str]:
-        return frozenset({"calib"}) if self.needs_inputs or self.grouping == "kl" else frozenset()
+        return frozenset({"calib"}) if self.uses_grams or self.grouping == "kl" else frozenset()
 
-    def run(self, model: nn.Module, ctx) -> None:
+    # ------------------------------------------------------------------ the two sweeps
+    # Sweep 1 (observe_block, per block): hold the shared projections' weights, accumulate the
+    # input Grams and logit-lens scores from the block's calibration inputs. fit(): the
+    # dictionaries, from what sweep 1 held. Sweep 2 (run_block, per block): replace the block's
+    # projections by DictLinears. The block loop (quantkit/stream/loop.py) runs both sweeps, in
+    # whole-model and streaming execution alike, so both write the same bytes.
+
+    def begin(self, ctx) -> None:
         arch = ctx.arch
         missing = [r for r in SHAREABLE_ROLES if r not in arch.roles]
         if missing:
             raise UnsupportedArchitectureError(
                 f"masa needs separate q/k/v/o projections; {arch.model_type} lacks {', '.join(missing)}"
             )
-        n_layers = arch.num_layers
-        linears = {(l, r): model.get_submodule(arch.module_name(l, r)) for l in range(n_layers) for r in SHAREABLE_ROLES}
-        for (l, r), lin in linears.items():
+        ctx.scratch[self.name] = {
+            "weights": {r: [] for r in self.roles},  # role -> per layer [d_out, d_in], the model's dtype, CPU
+            "shapes": {}, "dtype": {}, "device": {},
+            "sums": {}, "counts": {}, "grams": {},  # input X^T X, then damped Grams, per (layer, "qkv" | "o")
+            "lens": LensState(arch.num_layers, self.kl_max_tokens) if self.grouping == "kl" else None,
+        }
+
+    def observe_needs_inputs(self, ctx) -> bool:
+        return self.uses_grams or self.grouping == "kl"
+
+    def observe_block(self, blk, ctx) -> None:
+        """Sweep 1: what the fit needs from this block. Sets blk.extra["outputs"] when it ran the block."""
+        st, arch, layer = ctx.scratch[self.name], ctx.arch, blk.index
+        for r in SHAREABLE_ROLES:
+            lin = blk.model.get_submodule(arch.module_name(layer, r))
             if r in self.roles and not isinstance(lin, nn.Linear):
-                raise RecipeError(f"masa: {arch.module_name(l, r)} is {type(lin).__name__}, not a plain Linear")
-        shapes = {r: tuple(linears[0, r].weight.shape) for r in SHAREABLE_ROLES}
+                raise RecipeError(f"masa: {arch.module_name(layer, r)} is {type(lin).__name__}, not a plain Linear")
+            if layer == 0:
+                st["shapes"][r] = tuple(lin.weight.shape)
+                st["dtype"][r], st["device"][r] = lin.weight.dtype, lin.weight.device
+            if r in self.roles:
+                # a reference, not a copy: the block's release (or the DictLinear replacing the
+                # Linear) drops the module's hold, so this is the only copy of the weight
+                st["weights"][r].append(lin.weight.detach().cpu())
+        if not self.observe_needs_inputs(ctx):
+            return
+        if self.uses_grams:
+            outputs = block_grams(blk, arch, self.roles, st["sums"], st["counts"])
+            finish_block_grams(st["sums"], st["counts"], layer, self.damp, st["grams"])
+        else:
+            outputs = blk.forward()
+        if st["lens"] is not None:
+            st["lens"].add_block(blk.model, layer, outputs)
+        blk.extra["outputs"] = outputs  # the loop propagates these instead of running the block again
+
+    def fit(self, ctx) -> None:
+        """Between the sweeps: dictionaries, coefficients and residuals from sweep 1's statistics."""
+        st, arch = ctx.scratch[self.name], ctx.arch
+        n_layers = arch.num_layers
+        shapes = st["shapes"]
         total = sum(mm.dense_params(*shapes[r], n_layers) for r in SHAREABLE_ROLES)
         unshared = sum(mm.dense_params(*shapes[r], n_layers) for r in SHAREABLE_ROLES if r not in self.roles)
 
-        groups = self._groups(model, ctx, n_layers)
+        groups = self._groups(ctx, n_layers)
         # float32 on the CPU: PCA upcasts internally; the refinement runs in float32 (masa_math)
-        weights = {r: torch.stack([linears[l, r].weight.detach().float().cpu() for l in range(n_layers)]) for r in self.roles}
+        weights = {}
+        for r in self.roles:
+            weights[r] = torch.stack([w.float() for w in st["weights"][r]])  # [L, d_out, d_in]
+            st["weights"][r] = None  # the model-dtype copies are no longer needed
         full = {
             (r, g): mm.matrix_pca(weights[r][idx], len(idx) + self.center, center=self.center)
             for r in self.roles for g, idx in enumerate(groups)
@@ -104,30 +152,63 @@ class Masa(Pass):
 
         # per (layer, role): atoms (shared tensor), coefficients, residual factors
         fits: dict[tuple[int, str], dict] = {}
-        grams = collect_input_grams(model, ctx, arch, self.roles, self.damp) if self.needs_inputs else {}
-        bank_objs: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+        grams = grams_by_role(st["grams"], n_layers, self.roles) if self.uses_grams else {}
+        st["grams"] = None
+        bank_atoms: dict[tuple[str, int], torch.Tensor] = {}
         for (r, g), res in full.items():
             s = plan[r, g]
             atoms = res.atoms[:s].float()
-            bank_objs[r, g] = (f"{r}_{g}", atoms)
+            bank_atoms[r, g] = atoms
             for i, l in enumerate(groups[g]):
                 c = res.coeffs[i, :s].float()
                 if self.refit:
                     c = mm.refit_coeffs(atoms, weights[r][l], grams[l, r]).float()
                 fits[l, r] = {"group": g, "coeffs": c, "delta": weights[r][l] - mm.reconstruct(atoms, c[None])[0]}
+        del full
 
         ranks = {}
         if self.residual_share > 0:
             ranks = self._residuals(fits, grams, weights, role_shapes, kept - atoms_cost)
-        self._install(model, arch, linears, fits, bank_objs, ranks)
-        self._report(ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights)
+        errors = self._errors(fits, grams, weights)
+        for fit in fits.values():  # sweep 2 needs only coefficients and residual factors
+            del fit["delta"]
+        del weights, grams
+        st["banks"] = self._make_banks(ctx.model, bank_atoms, st)
+        st["fits"], st["ranks"] = fits, ranks
+        st["summary"] = dict(total=total, unshared=unshared, groups=groups, plan=plan, errors=errors)
+
+    def run_block(self, blk, ctx) -> None:
+        """Sweep 2: this block's q/k/v/o become DictLinears over the shared atom banks."""
+        st, arch = ctx.scratch[self.name], ctx.arch
+        for r in self.roles:
+            fit = st["fits"][blk.index, r]
+            name = arch.module_name(blk.index, r)
+            lin = blk.model.get_submodule(name)
+            key, bank = st["banks"][r, fit["group"]]
+            a, b = fit.get("residual", (None, None))
+            wd = dict(device=lin.weight.device, dtype=lin.weight.dtype)
+            module = DictLinear(
+                bank,
+                f"masa_banks.{key}",
+                fit["coeffs"].to(lin.weight.device),
+                lin.bias,
+                None if a is None else a.to(**wd),
+                None if b is None else b.to(**wd),
+                materialize=self.materialize,
+            )
+            set_module(blk.model, name, module)
+
+    def finish(self, ctx) -> None:
+        st = ctx.scratch[self.name]
+        self._report(ctx, st)
+        st.clear()  # the per-layer fits and factors; the banks stay on the model
 
     # ------------------------------------------------------------------ steps
 
-    def _groups(self, model, ctx, n_layers: int) -> list[list[int]]:
+    def _groups(self, ctx, n_layers: int) -> list[list[int]]:
         if self.grouping == "uniform":
             return mm.uniform_groups(n_layers, self.group_size or n_layers)
-        scores = logit_lens_boundaries(model, ctx, self.kl_max_tokens)
+        scores = ctx.scratch[self.name]["lens"].scores()
         ctx.record(self.name, kl_boundaries=[round(float(s), 5) for s in scores])
         return mm.kl_groups(scores, min(self.n_groups, n_layers), self.min_group_size)
 
@@ -160,35 +241,19 @@ class Masa(Pass):
                 fits[key]["residual"] = mm.lowrank_from_whitened(*svds[key], rank)
         return ranks
 
-    def _install(self, model, arch, linears, fits, bank_objs, ranks) -> None:
+    def _make_banks(self, model, bank_atoms, st) -> dict:
         container = banks(model)
-        bank_by_group = {}
-        for (r, g), (key, atoms) in bank_objs.items():
-            dtype, device = linears[0, r].weight.dtype, linears[0, r].weight.device
+        out = {}
+        for (r, g), atoms in bank_atoms.items():
+            key = f"{r}_{g}"
             if key in container:
                 raise RecipeError(f"masa: model already has an atom bank {key!r}; run masa once per model")
-            container[key] = AtomBank(atoms.to(device, dtype))
-            bank_by_group[r, g] = (key, container[key])
-        for (l, r), fit in fits.items():
-            lin = linears[l, r]
-            key, bank = bank_by_group[r, fit["group"]]
-            a, b = fit.get("residual", (None, None))
-            wd = dict(device=lin.weight.device, dtype=lin.weight.dtype)
-            module = DictLinear(
-                bank,
-                f"masa_banks.{key}",
-                fit["coeffs"].to(lin.weight.device),
-                lin.bias,
-                None if a is None else a.to(**wd),
-                None if b is None else b.to(**wd),
-                materialize=self.materialize,
-            )
-            name = arch.module_name(l, r)
-            set_module(model, name, module)
+            container[key] = AtomBank(atoms.to(st["device"][r], st["dtype"][r]))
+            out[r, g] = (key, container[key])
+        return out
 
-    def _report(self, ctx, model, total, unshared, groups, plan, fits, grams, ranks, weights) -> None:
-        stored = unshared + sum(b.atoms.numel() for b in banks(model).values())
-        stored += sum(m.stored_params() for m in model.modules() if isinstance(m, DictLinear))
+    def _errors(self, fits, grams, weights) -> dict:
+        """Mean relative Frobenius (and whitened) error of the fitted layers, residuals included."""
         rel_err, w_err = [], []
         for (l, r), fit in fits.items():
             delta = fit["delta"]
@@ -198,18 +263,29 @@ class Masa(Pass):
             rel_err.append(float(delta.norm() / weights[r][l].norm()))
             if grams:
                 w_err.append(float(mm.whitened_error(delta, grams[l, r]) / mm.whitened_error(weights[r][l], grams[l, r])))
+        out = {"mean_rel_frobenius_error": round(sum(rel_err) / len(rel_err), 5)}
+        if w_err:
+            out["mean_rel_whitened_error"] = round(sum(w_err) / len(w_err), 5)
+        return out
+
+    def _report(self, ctx, st) -> None:
+        sm, fits, ranks = st["summary"], st["fits"], st["ranks"]
+        shapes = st["shapes"]
+        # what the checkpoint stores: unshared roles dense, each atom once, per layer S coefficients
+        # plus residual factors (counted from the fits: in streaming the layers are released by now)
+        stored = sm["unshared"] + sum(bank.atoms.numel() for _, bank in st["banks"].values())
+        stored += sum(f["coeffs"].numel() + ranks.get(key, 0) * sum(shapes[key[1]]) for key, f in fits.items())
         ctx.record(
             self.name,
-            groups=groups,
-            atoms={f"{r}_{g}": s for (r, g), s in plan.items()},
+            groups=sm["groups"],
+            atoms={f"{r}_{g}": s for (r, g), s in sm["plan"].items()},
             residual_rank_total={r: sum(k for (_, rr), k in ranks.items() if rr == r) for r in self.roles},
-            attention_params=total,
+            attention_params=sm["total"],
             stored_params=stored,
-            reduction=round(mm.reduction(total, stored), 5),
-            mean_rel_frobenius_error=round(sum(rel_err) / len(rel_err), 5),
-            **({"mean_rel_whitened_error": round(sum(w_err) / len(w_err), 5)} if w_err else {}),
+            reduction=round(mm.reduction(sm["total"], stored), 5),
+            **sm["errors"],
         )
         ctx.quantized.update(
-            {ctx.arch.module_name(l, r): {"method": "masa", "atoms": plan[r, f["group"]], "rank": ranks.get((l, r), 0)}
+            {ctx.arch.module_name(l, r): {"method": "masa", "atoms": sm["plan"][r, f["group"]], "rank": ranks.get((l, r), 0)}
              for (l, r), f in fits.items()}
         )

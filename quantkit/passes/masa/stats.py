@@ -86,3 +86,83 @@ def logit_lens_boundaries(model: nn.Module, ctx, max_tokens: int) -> torch.Tenso
                 prev = logp
         seen += take
     return totals / max(seen, 1)
+
+
+# ----------------------------------------------------------------------------- per block (streaming)
+# The same statistics, gathered one decoder block at a time from the block's calibration inputs
+# (the block loop's first sweep), so the whole model never has to be in memory. Both execution
+# modes use these; the whole-model functions above remain for benches and tests that hold a model.
+
+
+@torch.no_grad()
+def block_grams(blk, arch, roles, sums: dict, counts: dict) -> list[torch.Tensor]:
+    """Accumulate X^T X (float64, CPU) of one block's q/k/v and o inputs; -> the block's outputs per batch.
+
+    sums/counts are keyed like collect_input_grams's (layer, "qkv" | "o") and summed batch by batch
+    in the same order, so the Grams equal the whole-model forward's bit for bit.
+    """
+    hooks = []
+    for kind in sorted({_SHARED_INPUT[r] for r in roles}):
+        role = "q" if kind == "qkv" else kind
+        key = (blk.index, kind)
+
+        def hook(_mod, args, key=key):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, d_in]
+            xtx = (x.T @ x).double().cpu()
+            sums[key] = sums[key] + xtx if key in sums else xtx
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(blk.model.get_submodule(arch.module_name(blk.index, role)).register_forward_pre_hook(hook))
+    try:
+        return blk.forward()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def finish_block_grams(sums: dict, counts: dict, layer: int, damp: float, grams: dict) -> None:
+    """Once a block's batches are all in: its float64 sums become damped float32 Grams (half the memory)."""
+    for key in [k for k in sums if k[0] == layer]:
+        grams[key] = mm.damped_gram(sums.pop(key), counts[key], damp).float()
+
+
+def grams_by_role(grams: dict, n_layers: int, roles) -> dict[tuple[int, str], torch.Tensor]:
+    return {(layer, r): grams[layer, _SHARED_INPUT[r]] for layer in range(n_layers) for r in roles}
+
+
+class LensState:
+    """Logit-lens boundary scores accumulated block by block.
+
+    Holds the previous block's log-probabilities for the first max_tokens calibration tokens
+    ([max_tokens, vocab] float32: 400 MB at 2048 tokens and a 49k vocabulary), never the
+    hidden states of every layer. Token selection and summation order follow
+    logit_lens_boundaries exactly.
+    """
+
+    def __init__(self, n_layers: int, max_tokens: int):
+        self.totals = torch.zeros(n_layers - 1, dtype=torch.float64)
+        self.max_tokens = max_tokens
+        self.prev: list[torch.Tensor] | None = None
+        self.seen = 0
+
+    @torch.no_grad()
+    def add_block(self, model: nn.Module, layer: int, outputs: list[torch.Tensor]) -> None:
+        norm, head = final_norm(model), model.get_output_embeddings()
+        current: list[torch.Tensor] = []
+        seen = 0
+        for out in outputs:  # per batch [b, s, hidden]
+            if seen >= self.max_tokens:
+                break
+            take = min(self.max_tokens - seen, out.shape[0] * out.shape[1])
+            h = out.reshape(-1, out.shape[-1])[:take]
+            for start in range(0, take, LENS_CHUNK):
+                logp = torch.log_softmax(head(norm(h[start : start + LENS_CHUNK])).float(), dim=-1)
+                if self.prev is not None:
+                    n = logp.shape[0]
+                    self.totals[layer - 1] += float(mm.logit_lens_kl(logp, self.prev[len(current)])) * n
+                current.append(logp)
+            seen += take
+        self.prev, self.seen = current, seen
+
+    def scores(self) -> torch.Tensor:
+        return self.totals / max(self.seen, 1)
