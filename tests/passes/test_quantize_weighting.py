@@ -97,3 +97,41 @@ def test_weighting_collects_inputs_and_reports_itself():
 def test_weighting_without_a_search_is_refused(observer, weighting, match):
     with pytest.raises(ValidationError, match=match):
         Quantize(format="nvfp4", observer=observer, weighting=weighting)
+
+
+def test_weighting_statistics_come_from_the_already_quantized_previous_blocks(monkeypatch):
+    import quantkit.passes.input_stats as input_stats
+
+    seen: dict[str, torch.Tensor] = {}
+    real = input_stats.input_second_moments
+
+    def spy(blk, names, kind):
+        out = real(blk, names, kind)
+        seen.update(out)
+        return out
+
+    monkeypatch.setattr(input_stats, "input_second_moments", spy)
+    model = _tiny_llama()
+    Quantize(format="nvfp4", mode="fake", observer="e4m3_local", weighting="channel").run(model, _ctx(model))
+    name = "model.layers.1.self_attn.q_proj"
+    xs = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+    with torch.no_grad():  # the finished model: layer 0 quantized, exactly what layer 1 was calibrated on
+        model(input_ids=_calib(), use_cache=False)
+    hook.remove()
+    sequential = torch.cat(xs).square().mean(0)
+    torch.testing.assert_close(seen[name], sequential, rtol=1e-5, atol=1e-7)
+    original = _layer0_inputs_of(name)
+    assert not torch.allclose(seen[name], original, rtol=1e-4)  # not the unquantized model's inputs
+
+
+def _layer0_inputs_of(name: str) -> torch.Tensor:
+    model = _tiny_llama()
+    xs = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+    with torch.no_grad():
+        model(input_ids=_calib(), use_cache=False)
+    hook.remove()
+    return torch.cat(xs).square().mean(0)
