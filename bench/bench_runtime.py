@@ -335,13 +335,14 @@ def _interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int) -> dict
 
 
 @torch.inference_mode()
-def compile_rows(rounds: int, argv: list[str]) -> dict:
+def compile_rows(rounds: int, prov: dict) -> dict:
     """The data behind QUANTKIT_COMPILE being off by default: inductor's first compile of the
     per-token activation quantization, eager vs compiled per call, the whole W8A8 layer with and
     without it, and how many layer calls it takes to win the compile time back."""
     from quantkit.nn.kernels import int8 as k_int8
 
-    out: dict = {"provenance": provenance(argv), "act_quant": [], "layer": []}
+    # the run's provenance as it started (HEAD may move while a long run goes on; the code is loaded)
+    out: dict = {"provenance": prov, "act_quant": [], "layer": []}
     torch._dynamo.reset()
     t0, c0 = time.perf_counter(), time.process_time()
     compiled = torch.compile(lambda t: k_int8.act_codes(t, torch.float32), dynamic=True)
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"])
     if not args.skip_compile:
         print("compile", flush=True)
-        res["compile"] = compile_rows(args.rounds, argv)
+        res["compile"] = compile_rows(args.rounds, res["provenance"])
     res["loadavg_end"] = os.getloadavg()
     # which run measured each section: a skipped section keeps its rows and its run's provenance
     res["section_runs"] = {k: {"commit": res["provenance"]["commit"], "command": res["provenance"]["command"],
