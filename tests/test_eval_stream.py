@@ -66,3 +66,25 @@ def test_fp32_evaluation_measures_the_same_model_and_leaves_the_checkpoint_alone
     for mode in ("auto", "model"):
         for f in sorted((tmp_path / "off").glob("*.safetensors")):
             assert (tmp_path / mode / f.name).read_bytes() == f.read_bytes(), (mode, f.name)
+
+
+def test_reference_stream_keeps_the_original_head_when_a_pass_quantizes_it(bf16_llama, tmp_path):
+    """lm_head is quantized after the blocks (run_rest); the 'before' numbers must not see that."""
+    index = next(i for i, p in enumerate(load_recipe("int8-w8a16").passes) if p.name == "quantize")
+    with_head = load_recipe("int8-w8a16", overrides=[*EVAL, f'passes.{index}.targets.include=["*_proj","lm_head"]'])
+    without = load_recipe("int8-w8a16", overrides=EVAL)
+    a = apply(with_head, str(bf16_llama), output=tmp_path / "head", execution="streaming")
+    b = apply(without, str(bf16_llama), output=tmp_path / "nohead", execution="streaming")
+    assert any(k.startswith("lm_head.weight_") for k in _keys(tmp_path / "head"))  # the head really was quantized
+    assert a.ppl_before == b.ppl_before  # the same original model, bit for bit
+    assert a.kl > b.kl  # the head's own quantization error is counted
+
+
+def _keys(path):
+    from safetensors import safe_open
+
+    keys = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            keys.update(sf.keys())
+    return keys

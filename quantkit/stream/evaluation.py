@@ -26,6 +26,7 @@ from torch import nn
 
 from quantkit.eval import kl_sum, nll_sum
 from quantkit.stream.capture import capture, head_logits, run_block
+from quantkit.targets import set_module
 
 # evaluation is sized so that windows x tokens x parameters stays near SmolLM2-135M with 16
 # windows of 512 tokens (8k tokens: the before/after difference on the same tokens is far less
@@ -94,6 +95,26 @@ class SideBySide:
                       for per_block in cap.calls]
         self.ref = [h.to(self.dtype) for h in cap.hidden]
         self.q = list(self.ref)
+        # the head as loaded: a pass that quantizes lm_head (run after the blocks) replaces the
+        # module, and the reference stream must still end in the original one. Holding the module
+        # costs nothing unless it is replaced (then one head's weights, only in that case).
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = next(((n, m) for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+    @contextmanager
+    def _original_head(self) -> Iterator[None]:
+        """The model with the head it was loaded with, for the reference stream's logits."""
+        if self.head is None or self.model.get_submodule(self.head[0]) is self.head[1]:
+            yield
+            return
+        name, original = self.head
+        current = self.model.get_submodule(name)
+        set_module(self.model, name, original)
+        try:
+            with viewed_as([*original.parameters(), *original.buffers()], self.dtype):
+                yield
+        finally:
+            set_module(self.model, name, current)
 
     def reference(self, i: int, block: nn.Module) -> None:
         with viewed_as(_block_tensors(block), self.dtype):
@@ -119,7 +140,8 @@ class SideBySide:
         for ids, h_ref, h_q in zip(self.ids, self.ref, self.q):
             for j in range(ids.shape[0]):  # one window at a time: two [s, V] fp32 logit tensors at most
                 one = ids[j : j + 1]
-                lr = head_logits(self.model, self.blocks, one, h_ref[j : j + 1]).float()
+                with self._original_head():
+                    lr = head_logits(self.model, self.blocks, one, h_ref[j : j + 1]).float()
                 lq = head_logits(self.model, self.blocks, one, h_q[j : j + 1]).float()
                 nll_ref += nll_sum(lr, one)
                 nll_q += nll_sum(lq, one)
