@@ -549,7 +549,7 @@ def write(out: dict, name: str) -> None:
             if r["heldout_delta"] < pe.get("best", float("inf")):
                 pe["best"], pe["best_method"] = r["heldout_delta"], r["method"]
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"# FP4 quality knobs, SmolLM2-135M ({out['eval']})", "",
+    lines = [f"# FP4 quality knobs, {out['model']} ({out['eval']})", "",
              f"Calibration: {out['calib']}. fp32 compute for every row, both tools (weights quantized from the "
              "bf16 values). Development ppl chooses; held-out ppl is reported. Δ = held-out ppl - bf16's; the 5-95% "
              "interval is a paired bootstrap over the held-out windows.", "",
