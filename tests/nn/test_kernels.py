@@ -307,3 +307,18 @@ def test_inspect_names_the_kernel_of_each_checkpoint_linear(tmp_path):
     assert by_module["m.proj_b"]["kernel"] == choose("nvfp4", None, "real", (32, 96), here, BF16).label
     assert by_module["m.proj_b"]["format"] == "nvfp4" and by_module["m.proj_b"]["reason"]
     assert sum(info["extra"]["kernels on this machine (quantkit runtime, cpu)"].values()) == 2
+
+
+def test_scratch_first_used_under_inference_mode_serves_later_no_grad_forwards():
+    """The shared tile buffer was an inference tensor when inference_mode allocated it first, and a
+    later forward under no_grad failed with 'Inplace update to inference tensor outside InferenceMode'."""
+    tiled.release_scratch()
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False)
+    q = quantize_linear(lin, "int4_ch", mode="real", act_format="int8")
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        first = q(x)
+    with torch.no_grad():
+        again = q(x)
+    assert torch.equal(first, again)

@@ -36,7 +36,10 @@ def scratch(role: str, numel: int, device: torch.device, dtype: torch.dtype) -> 
     key = (role, torch.device(device), dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, device=device, dtype=dtype)
+        # a normal tensor even when first asked for under inference_mode: an inference tensor
+        # could not be written in place by a later forward that runs under no_grad
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, device=device, dtype=dtype)
         _scratch[key] = buf
     return buf[:numel]
 
