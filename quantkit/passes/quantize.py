@@ -27,8 +27,10 @@ def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | No
     """The one way a pass turns a linear (nn.Linear or GPT-2 Conv1D) and its [out, in] codes into a QLinear."""
     if Conv1D and isinstance(linear, Conv1D):
         qweight.meta["conv1d"] = True  # weight stored [in, out]: the writer and runtime must know
-    return QLinear(qweight, linear.bias, mode=mode, act_format=act_format, input_global_scale=input_global_scale,
-                   compute_dtype=linear.weight.dtype)
+    q = QLinear(qweight, linear.bias, mode=mode, act_format=act_format, input_global_scale=input_global_scale,
+                compute_dtype=linear.weight.dtype)
+    q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
+    return q
 
 
 @register_pass
