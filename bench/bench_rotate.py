@@ -37,7 +37,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from quantkit.arch import arch_info  # noqa: E402
-from quantkit.calib import DEFAULT_SOURCE, read_texts, token_stream  # noqa: E402
 from quantkit.context import Context  # noqa: E402
 from quantkit.eval import perplexity  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
@@ -50,27 +49,9 @@ RESULTS = ROOT / "bench" / "results"
 SCHEMES = {"nvfp4a16": "nvfp4", "mxfp4a16": "mxfp4"}
 BLOCKS = (16, 32, 64)
 DAMPING = 0.01
-# the dev/held-out protocol of bench_fp4_quality.py (its commit f0934b7), kept here so this bench
-# does not move when that file does: every 4th calibration article is development text
-DEV_EVERY, CALIB_SAMPLES, SEQ_LEN, SEED = 4, 16, 512, 0
-
-
-def split_calib_texts() -> tuple[list[str], list[str]]:
-    """(calibration articles, development articles), split by whole article."""
-    texts = read_texts(DEFAULT_SOURCE, "calib")
-    calib = [t for i, t in enumerate(texts) if i % DEV_EVERY != DEV_EVERY - 1]
-    dev = [t for i, t in enumerate(texts) if i % DEV_EVERY == DEV_EVERY - 1]
-    return calib, dev
-
-
-def windows_of(tok, texts: list[str], n: int | None, seed: int | None) -> torch.Tensor:
-    """Non-overlapping SEQ_LEN windows [N, SEQ_LEN]; seeded pick of n, or the first n in order."""
-    stream = token_stream(tok, texts)
-    w = stream[: stream.numel() // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
-    if seed is not None:
-        pick = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return w[pick].contiguous()
-    return w[:n] if n else w
+# the dev/held-out protocol is bench_fp4_quality's (every 4th calibration article is development
+# text), so the two benches score the same windows
+from bench.bench_fp4_quality import CALIB_SAMPLES, DEV_EVERY, SEED, SEQ_LEN, split_calib_texts, windows_of  # noqa: E402
 
 
 @torch.inference_mode()
