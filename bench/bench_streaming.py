@@ -173,6 +173,38 @@ def load_check(path: Path, compare: bool, tag: str, mem_wait_s: float) -> dict:
     return r
 
 
+def adopt_finished(tag: str, out: Path, started_commit: str) -> dict | None:
+    """A quantkit row whose GNU-time process outlived the bench invocation that started it.
+
+    The invocation (and so its wait) can be killed while the measured process runs on to the end
+    in its own session; GNU time still writes its report. This reads that report the way
+    gnu_time does, plus GNU time's own elapsed time for the wall, and says where it came from."""
+    time_file, log_file = WORK / f"{tag}.time.txt", WORK / f"{tag}.log"
+    text = time_file.read_text() if time_file.exists() else ""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    status = re.search(r"Exit status: (\d+)", text)
+    if not (rss and elapsed and status):
+        return None
+    wall = 0.0
+    for part in elapsed.group(1).split(":"):
+        wall = wall * 60 + float(part)
+    r = {"wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024), "exit": int(status.group(1)),
+         "adopted": f"process started by bench_streaming at commit {started_commit}; that invocation was stopped "
+                    f"while the process ran on; peak RSS and wall from its GNU time report"}
+    cmd = re.search(r'Command being timed: "(.*?)"\n', text, re.S)
+    if cmd:
+        r["command"] = cmd.group(1)
+    signal_kill = re.search(r"Command terminated by signal (\d+)", text)
+    if signal_kill:
+        r["error"] = f"killed by signal {signal_kill.group(1)}"
+    elif r["exit"] != 0:
+        r["error"] = (log_file.read_text().strip().splitlines() or ["?"])[-1][:300]
+    else:
+        r["checkpoint_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return r
+
+
 # ---------------------------------------------------------------- the row cache
 
 
@@ -357,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mem-wait", type=float, default=1200, help="seconds a load check waits for enough free memory")
     ap.add_argument("--sizes", default="", help="comma list of size rows to run (default: all)")
     ap.add_argument("--reps", type=int, default=3, help="SmolLM2 whole/streaming repetitions (ABAB)")
+    ap.add_argument("--adopt", default="", metavar="COMMIT",
+                    help="record 7B quantkit rows whose process finished after its invocation was stopped "
+                         "(COMMIT: the commit that invocation started at)")
     args = ap.parse_args(argv)
     parts, schemes = set(args.only.split(",")) - {""}, [s for s in args.schemes.split(",") if s]
     prov = provenance("bench/bench_streaming.py", argv)
@@ -397,6 +432,11 @@ def main(argv: list[str] | None = None) -> dict:
         calib_file = write_calib(load_calib(tok, n_samples=N_SAMPLES, seq_len=SEQ_LEN, seed=0),
                                  WORK / f"calib_{N_SAMPLES}x{SEQ_LEN}.npy")
     for scheme in schemes:
+        if args.adopt:
+            row = adopt_finished(f"qk7b-{scheme}", WORK / f"qk7b-{scheme}", args.adopt)
+            if row is not None:
+                put_row(f"7b-quantkit-{scheme}", row, prov)
+                save(res)
         if "7b" in parts:
             tag = f"qk7b-{scheme}"
             put_row(f"7b-quantkit-{scheme}", quantkit_apply(SCHEMES[scheme], llama7b, WORK / tag, "streaming", tag), prov)
