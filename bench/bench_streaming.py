@@ -313,6 +313,10 @@ def markdown(res: dict) -> str:
         out.append(f"| {scheme} | {_cell(q, 'wall_s')} | {_cell(q, 'peak_rss_mb')} | {ok} | {gb} | {_load(q)} | "
                    f"{_cell(p, 'wall_s')} | {_cell(p, 'peak_rss_mb')} | {_load(p)} |")
     out.append("")
+    for scheme in SCHEMES:
+        q = rows.get(f"7b-quantkit-{scheme}")
+        if q and q["result"].get("adopted"):
+            out += [f"- {scheme}: {q['result']['adopted']} (the row column names the invocation that recorded it).", ""]
     loads = {s: rows.get(f"load-{s}") for s in SCHEMES if rows.get(f"load-{s}")}
     if loads:
         out += ["## The 7B checkpoints load in transformers", "",
