@@ -303,11 +303,11 @@ def _load(spec: str, model_dir: Path | None, mode: str, dtype: str, dev: torch.d
 
 
 def _side_by_side(model, tokenizer, arch, recipe: Recipe, dev, report: Report, progress: ProgressFactory):
-    from quantkit.stream.evaluation import SideBySide, compute_dtype_for, sized_windows
+    from quantkit.stream.evaluation import SideBySide, compute_dtype_for, window_count
 
     ev = recipe.eval
     n_params = sum(p.numel() for p in model.parameters())
-    n = sized_windows(ev.max_windows, ev.seq_len, n_params)
+    n = window_count(ev, n_params)
     windows = eval_windows(model, tokenizer, seq_len=ev.seq_len, max_windows=n)
     flops = 2 * 2 * n_params * windows.numel()  # two streams, 2 FLOP per parameter per token
     dtype = compute_dtype_for(ev.compute_dtype, next(model.parameters()).dtype, dev)

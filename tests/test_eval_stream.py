@@ -88,3 +88,14 @@ def _keys(path):
         with safe_open(f, "pt") as sf:
             keys.update(sf.keys())
     return keys
+
+
+def test_the_budget_caps_the_default_window_count_but_not_an_explicit_one():
+    from quantkit.stream.evaluation import window_count
+
+    seven_b = 7e9
+    assert window_count(load_recipe("int8-w8a8").eval, int(135e6)) == 16  # SmolLM2: the default
+    assert window_count(load_recipe("int8-w8a8").eval, int(seven_b)) == 2  # a 7B: capped by the budget
+    explicit = load_recipe("int8-w8a8", overrides=["eval.max_windows=64"]).eval
+    assert window_count(explicit, int(seven_b)) == 64  # asked for: the user's cost, printed up front
+    assert window_count(explicit, int(135e6)) == 64

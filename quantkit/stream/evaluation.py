@@ -41,6 +41,14 @@ def sized_windows(max_windows: int | None, seq_len: int, n_params: int) -> int |
     return cap if max_windows is None else min(max_windows, cap)
 
 
+def window_count(ev, n_params: int) -> int | None:
+    """The recipe's eval.max_windows when the user set it (their cost to choose, printed up front),
+    else the default capped by the token x parameter budget."""
+    if "max_windows" in ev.model_fields_set:
+        return ev.max_windows
+    return sized_windows(ev.max_windows, ev.seq_len, n_params)
+
+
 def compute_dtype_for(setting: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """auto: fp32 arithmetic for a 16-bit model on a CPU, the model's own dtype elsewhere."""
     if setting == "float32" or (setting == "auto" and device.type == "cpu" and model_dtype in _HALF):
