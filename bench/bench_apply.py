@@ -55,9 +55,7 @@ def ppl_of_checkpoint(path: Path, windows: int, dtype: str) -> float:
 
     from quantkit.eval import perplexity
 
-    # loaded in the dtype the checkpoint declares, then cast: compressed-tensors decompresses FP4
-    # weights to bf16 whatever dtype is asked for, and an fp32 load then fails in the first matmul
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval().to(getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return perplexity(model, tok, max_windows=windows)
 
