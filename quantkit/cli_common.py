@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from quantkit.errors import QuantkitError
+from quantkit.progress import PROGRESS_PREFIX
+from quantkit.progress import clock as _clock
 
 JSON_SCHEMA_VERSION = 1  # bump when the envelope's shape changes (docs/cli.md)
 PLAIN_PROGRESS_INTERVAL_S = 5.0  # CI logs: at most one progress line per stage per interval
@@ -151,13 +153,6 @@ def _fail(e: BaseException, message: str, code: int, out: Outcome, as_json: bool
 
 # --- progress ---------------------------------------------------------------------------------
 
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-PROGRESS_PREFIX = "[quantkit] "
 
 
 class PlainProgress:

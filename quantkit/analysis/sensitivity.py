@@ -28,6 +28,8 @@ from quantkit.analysis.sweep import Sweep
 from quantkit.arch import ArchInfo, arch_info
 from quantkit.errors import CalibrationError, QuantkitError
 from quantkit.formats import get_format
+from quantkit.progress import PROGRESS_PREFIX
+from quantkit.progress import clock as _clock
 from quantkit.targets import Targets
 
 ISOLATIONS = ("component", "block", "block-complement", "grid")
@@ -432,14 +434,6 @@ def _run_all(sweep: Sweep, runs: list[Run], done: dict[str, dict], ppl_fp: float
             save()
             advance(run.id)
     return results
-
-
-PROGRESS_PREFIX = "[quantkit] "  # the prefix apply's plain progress lines carry (cli_common.PlainProgress)
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 @contextmanager
