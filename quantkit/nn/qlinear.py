@@ -9,6 +9,8 @@ The QTensor is kept in both modes so export writes the exact codes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +38,7 @@ def rotate_input(x: torch.Tensor, block: int) -> torch.Tensor:
     h = sylvester(block, x.device)
     n = x.shape[-1]
     y = (x.to(torch.float32).unflatten(-1, (n // block, block)) @ h).flatten(-2)  # [..., in/b, b] -> [..., in]
-    return (y / torch.tensor(block, dtype=torch.float64).sqrt()).to(x.dtype)
+    return (y / math.sqrt(block)).to(x.dtype)  # a Python scalar: divided in fp32, as a 0-dim tensor would be
 
 
 SYLVESTER_CACHE: dict[tuple[int, str], torch.Tensor] = {}

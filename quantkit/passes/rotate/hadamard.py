@@ -18,6 +18,7 @@ import math
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.nn.qlinear import sylvester
 
 
 class RotationError(QuantkitError):
@@ -34,9 +35,7 @@ def check_block(block: int, in_features: int) -> None:
 def hadamard(block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix [block, block]: orthogonal and symmetric."""
     check_block(block, block)
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = sylvester(block, torch.device("cpu")).to(torch.float64)  # +-1 entries: exact in any dtype
     return (h / math.sqrt(block)).to(dtype)
 
 
