@@ -6,6 +6,8 @@ capabilities come in as a plain ``Device`` record, never queried inside ``choose
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +41,14 @@ class Device:
         return Device(device.type)
 
 
+@functools.cache  # a CPU's instruction set does not change while the process runs; callers ask per forward
 def _cpu_vnni() -> bool:
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool((probe and probe()) or (amx and amx()))
 
 
+@functools.cache
 def _cpu_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
