@@ -2,7 +2,7 @@
 
 Collected per decoder block from the block's calibration inputs (the outputs of the blocks
 before it, already quantized: sequential calibration), before any linear of the block is
-replaced, exactly as GPTQ collects its Hessians.
+replaced. GPTQ's Hessians are the "hessian" kind.
 
   channel: E[x_j^2] per input channel            [in]
   hessian: X^T X summed over calibration tokens  [in, in] (the observers read its diagonal blocks)
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import torch
 
-WEIGHTINGS = ("none", "channel", "hessian")
-
-
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: GPTQ's solver damps the Hessians in place afterwards
 def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Tensor]:
     """{name: E[x^2] [in] (kind "channel") or X^T X [in, in] ("hessian")}, fp32, for the named linears."""
     if kind not in ("channel", "hessian"):

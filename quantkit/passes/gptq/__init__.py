@@ -15,6 +15,7 @@ from quantkit.nn.qlinear import QLinear
 from quantkit.passes.base import register_pass
 from quantkit.errors import QuantkitError, SolverError
 from quantkit.passes.gptq.solver import gptq_quantize
+from quantkit.passes.input_stats import input_second_moments
 from quantkit.passes.quantize import Quantize, build_qlinear
 from quantkit.targets import linear_weight
 
@@ -51,7 +52,7 @@ class Gptq(Quantize):
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
                  if not isinstance(blk.model.get_submodule(n), QLinear)]
         if names:
-            ctx.scratch[self._key()]["hessians"] = self._hessians(blk, names)
+            ctx.scratch[self._key()]["hessians"] = input_second_moments(blk, names, "hessian")
             self._quantize_names(blk.model, ctx, names)
             ctx.scratch[self._key()].pop("hessians", None)
         # fused MoE experts after the block's linears, from inputs that went through them quantized
@@ -86,21 +87,3 @@ class Gptq(Quantize):
         return {"observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
                 "dampening": self.dampening, "block_size": self.block_size,
                 "gptq_loss_total": round(sum(losses.values()), 6)}
-
-    @staticmethod
-    def _hessians(blk, names: list[str]) -> dict[str, torch.Tensor]:
-        """H = sum over calibration tokens of x x^T for each named linear's input, fp32."""
-        hs: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name in names:
-            def hook(_mod, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-                h = x.T @ x
-                hs[name] = h if name not in hs else hs[name] + h
-            hooks.append(blk.model.get_submodule(name).register_forward_pre_hook(hook))
-        try:
-            blk.forward()
-        finally:
-            for hk in hooks:
-                hk.remove()
-        return hs

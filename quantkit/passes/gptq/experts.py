@@ -14,15 +14,11 @@ from contextlib import nullcontext
 
 import torch
 
-from quantkit.errors import CalibrationError
+from quantkit.errors import SolverError
 from quantkit.formats import get_format
 from quantkit.nn.expert_stats import expert_hessians, expert_statistics, input_global_scales
 from quantkit.nn.qexperts import _quantize_one, is_experts, quantize_named_experts
 from quantkit.passes.gptq.solver import gptq_quantize
-
-# knobs newer solvers take; passed only when the pass declares them
-_OPTIONAL_KNOBS = ("act_order", "weighting")
-
 
 def gptq_block_experts(p, blk, ctx) -> None:
     """Quantize the block's selected fused experts with per-expert GPTQ (one extra block forward)."""
@@ -38,7 +34,6 @@ def gptq_block_experts(p, blk, ctx) -> None:
             (expert_statistics(blk.module, prefix=blk.prefix) if gather else nullcontext({})) as own:
         blk.forward()
     stats = {**stats, **own}
-    knobs = {k: getattr(p, k) for k in _OPTIONAL_KNOBS if k in type(p).model_fields}
     solvers, scales, rtn = {}, {}, {}
     for n in names:
         hs = hess[n]
@@ -46,7 +41,7 @@ def gptq_block_experts(p, blk, ctx) -> None:
         if static:
             scales[n] = input_global_scales(stats[n], blk.model.get_submodule(n), p.act_format, n)
         rtn[n] = [e for e in range(hs.num_experts) if int(hs.tokens[e]) == 0]
-        solvers[n] = _solver(p, fmt, n, hs, state["losses"], knobs)
+        solvers[n] = _solver(p, fmt, n, hs, state["losses"])
     before, after = quantize_named_experts(blk.model, names, p.format, p.mode, p.act_format, p.observer,
                                            scales or None, model_type=ctx.arch.model_type, solvers=solvers)
     for n in names:
@@ -61,17 +56,16 @@ def gptq_block_experts(p, blk, ctx) -> None:
     state["modules"] += len(names)
 
 
-def _solver(p, fmt, name: str, hs, losses: dict, knobs: dict):
+def _solver(p, fmt, name: str, hs, losses: dict):
     def solve(param: str, e: int, w: torch.Tensor, gs: torch.Tensor | None):
         h = hs.h.get(param, [None] * hs.num_experts)[e]
         if h is None:  # no routed token: nothing to compensate against
             return _quantize_one(fmt, w, p.observer, gs)
         try:
             qt, info = gptq_quantize(fmt, w, h, gs, block_size=p.block_size, dampening=p.dampening,
-                                     observer=p.observer, **knobs)
-        except torch.linalg.LinAlgError:
-            raise CalibrationError(f"gptq: the Hessian of {name} expert {e} ({param}) is not positive definite; "
-                                   "raise `dampening` (e.g. 0.1) or add calibration data (calib.n_samples)") from None
+                                     observer=p.observer, act_order=p.act_order, weighting=p.weighting)
+        except SolverError as err:  # the solver's message names the knobs; add the expert
+            raise SolverError(str(err).replace("gptq:", f"gptq ({name} expert {e}, {param}):", 1)) from None
         losses[f"{name}.{e}.{param}"] = info["loss"]
         return qt
 

@@ -62,7 +62,7 @@ class Rotate(Pass):
                 v, o = arch.module_name(blk.index, "v"), arch.module_name(blk.index, "o")
             except KeyError:
                 raise RotationError(f"rotate: fuse_vo needs separate v and o projections; {arch.model_type} "
-                                    "has none in block {blk.index} (set fuse_vo: false)") from None
+                                    f"has none in block {blk.index} (set fuse_vo: false)") from None
             fuse_value_output(blk.model.get_submodule(v), blk.model.get_submodule(o), arch.head_dim, self.block_size)
             state["fused"] += 1
             fused_o = o
