@@ -36,17 +36,13 @@ MIN_EVAL_WINDOWS = 2
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def sized_windows(max_windows: int | None, seq_len: int, n_params: int) -> int | None:
-    cap = max(MIN_EVAL_WINDOWS, int(EVAL_TOKEN_PARAM_BUDGET // (seq_len * max(n_params, 1))))
-    return cap if max_windows is None else min(max_windows, cap)
-
-
 def window_count(ev, n_params: int) -> int | None:
     """The recipe's eval.max_windows when the user set it (their cost to choose, printed up front),
     else the default capped by the token x parameter budget."""
     if "max_windows" in ev.model_fields_set:
         return ev.max_windows
-    return sized_windows(ev.max_windows, ev.seq_len, n_params)
+    cap = max(MIN_EVAL_WINDOWS, int(EVAL_TOKEN_PARAM_BUDGET // (ev.seq_len * max(n_params, 1))))
+    return cap if ev.max_windows is None else min(ev.max_windows, cap)
 
 
 def compute_dtype_for(setting: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -74,16 +70,21 @@ def viewed_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Iterator[N
             t.data = data
 
 
-def _cast(value, dtype: torch.dtype):
-    """A block call's arguments with their 16-bit floating tensors (rotary tables, additive masks) in dtype."""
+def _cast(value, dtype: torch.dtype, done: dict[int, torch.Tensor]):
+    """A block call's arguments with their 16-bit floating tensors (rotary tables, additive masks)
+    in dtype; `done` maps tensors already cast, so a table every block shares is cast once."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.dtype in _HALF else value
+        if value.dtype not in _HALF:
+            return value
+        if id(value) not in done:
+            done[id(value)] = value.to(dtype)
+        return done[id(value)]
     if isinstance(value, tuple):
-        return tuple(_cast(v, dtype) for v in value)
+        return tuple(_cast(v, dtype, done) for v in value)
     if isinstance(value, list):
-        return [_cast(v, dtype) for v in value]
+        return [_cast(v, dtype, done) for v in value]
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        return {k: _cast(v, dtype, done) for k, v in value.items()}
     return value
 
 
@@ -99,7 +100,8 @@ class SideBySide:
         self.model, self.blocks, self.kl = model, blocks, kl
         self.dtype = compute_dtype or cap.hidden[0].dtype
         self.ids = cap.ids
-        self.calls = [[type(c)(_cast(c.args, self.dtype), _cast(c.kwargs, self.dtype)) for c in per_block]
+        done: dict[int, torch.Tensor] = {}  # the captured tensors stay alive meanwhile, so ids are not reused
+        self.calls = [[type(c)(_cast(c.args, self.dtype, done), _cast(c.kwargs, self.dtype, done)) for c in per_block]
                       for per_block in cap.calls]
         self.ref = [h.to(self.dtype) for h in cap.hidden]
         self.q = list(self.ref)
@@ -109,20 +111,24 @@ class SideBySide:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head = next(((n, m) for n, m in model.named_modules() if m is head), None) if head is not None else None
 
-    @contextmanager
-    def _original_head(self) -> Iterator[None]:
-        """The model with the head it was loaded with, for the reference stream's logits."""
+    def _replaced_head(self) -> nn.Module | None:
+        """The head the model was loaded with, if a pass has since replaced it (else None)."""
         if self.head is None or self.model.get_submodule(self.head[0]) is self.head[1]:
+            return None
+        return self.head[1]
+
+    @contextmanager
+    def _head(self, module: nn.Module | None) -> Iterator[None]:
+        """The model with `module` as its head for a while (None: as it is)."""
+        if module is None:
             yield
             return
-        name, original = self.head
-        current = self.model.get_submodule(name)
-        set_module(self.model, name, original)
+        current = self.model.get_submodule(self.head[0])
+        set_module(self.model, self.head[0], module)
         try:
-            with viewed_as([*original.parameters(), *original.buffers()], self.dtype):
-                yield
+            yield
         finally:
-            set_module(self.model, name, current)
+            set_module(self.model, self.head[0], current)
 
     def reference(self, i: int, block: nn.Module) -> None:
         with viewed_as(_block_tensors(block), self.dtype):
@@ -139,16 +145,18 @@ class SideBySide:
 
     @torch.inference_mode()
     def finish(self, progress: Callable[[int], None] | None = None) -> dict:
-        with viewed_as(self._tail_tensors(), self.dtype):
-            return self._finish(progress)
+        original = self._replaced_head()  # the reference stream ends in it; viewed once, not per window
+        extra = _block_tensors(original) if original is not None else []
+        with viewed_as([*self._tail_tensors(), *extra], self.dtype):
+            return self._finish(progress, original)
 
-    def _finish(self, progress: Callable[[int], None] | None) -> dict:
+    def _finish(self, progress: Callable[[int], None] | None, original_head: nn.Module | None) -> dict:
         nll_ref = nll_q = kl = 0.0
         count = tokens = 0
         for ids, h_ref, h_q in zip(self.ids, self.ref, self.q):
             for j in range(ids.shape[0]):  # one window at a time: two [s, V] fp32 logit tensors at most
                 one = ids[j : j + 1]
-                with self._original_head():
+                with self._head(original_head):
                     lr = head_logits(self.model, self.blocks, one, h_ref[j : j + 1]).float()
                 lq = head_logits(self.model, self.blocks, one, h_q[j : j + 1]).float()
                 nll_ref += nll_sum(lr, one)
