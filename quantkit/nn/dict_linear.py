@@ -102,6 +102,10 @@ class DictLinear(nn.Module):
             w = w + self.residual_a.float() @ self.residual_b.float()
         return w.to(dtype)
 
+    def drop_cache(self) -> None:
+        """Forget the materialized W_l (derived from the bank and coefficients; rebuilt on demand)."""
+        self._dense = self._dense_key = None
+
     def _key(self, dtype: torch.dtype) -> tuple:
         # a tensor replaced (new data_ptr) or written in place (new _version) invalidates the cache,
         # which covers load_state_dict, from_pretrained's assignment and .to()

@@ -121,7 +121,8 @@ class Quantize(Pass):
             from quantkit.passes.input_stats import input_second_moments
 
             todo = [n for n in names if not isinstance(blk.model.get_submodule(n), QLinear)]
-            ctx.scratch[self._key()]["importance"] = input_second_moments(blk, todo, self.weighting)
+            if todo:  # a block forward only when some linear still needs its statistics
+                ctx.scratch[self._key()]["importance"] = input_second_moments(blk, todo, self.weighting)
         self._quantize_names(blk.model, ctx, names)
         ctx.scratch[self._key()].pop("importance", None)
         _quantize_block_experts(self, blk, ctx)  # issue 14: fused MoE experts

@@ -20,6 +20,7 @@ from torch import nn
 
 from quantkit.errors import RecipeError
 from quantkit.stream.capture import Call, capture, run_block
+from quantkit.stream.plan import sweeps_first
 from quantkit.stream.residency import WholeResidency
 
 
@@ -54,7 +55,7 @@ def block_prefixes(ctx) -> list[str]:
 
 def first_sweep_pass(passes) -> int | None:
     """Index of the first pass that needs every block's statistics before changing any (MASA), or None."""
-    return next((k for k, p in enumerate(passes) if hasattr(p, "observe_block")), None)
+    return next((k for k, p in enumerate(passes) if sweeps_first(p)), None)
 
 
 def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[int], None] | None = None,

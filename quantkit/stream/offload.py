@@ -58,9 +58,8 @@ class OffloadStore:
 
     def drop(self, tensor: torch.Tensor) -> None:
         """Unlink the file behind a mapped tensor (the mapping stays valid while referenced)."""
-        name = getattr(tensor.untyped_storage(), "filename", None)
-        if name and Path(name).parent == self.dir:
-            Path(name).unlink(missing_ok=True)
+        if is_offloaded(tensor, self):
+            Path(tensor.untyped_storage().filename).unlink(missing_ok=True)
 
     def files(self) -> list[Path]:
         return sorted(self.dir.iterdir()) if self.dir.exists() else []

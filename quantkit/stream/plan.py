@@ -149,8 +149,9 @@ def choose_execution(requested: str, passes, model_dir: Path | None) -> tuple[st
         return "whole", "requested"
     if model_passes(passes):
         return "whole", f"pass {model_passes(passes)[0].name!r} needs the whole model"
-    if len(stages(passes)) > 1:
-        return "whole", f"pass {stages(passes)[1][0].name!r} needs two sweeps after a pass that changes weights"
+    planned = stages(passes)
+    if len(planned) > 1:
+        return "whole", f"pass {planned[1][0].name!r} needs two sweeps after a pass that changes weights"
     if model_dir is None:
         return "whole", "no safetensors checkpoint to stream from"
     size, avail = checkpoint_bytes(model_dir), available_memory()

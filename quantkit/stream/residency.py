@@ -16,6 +16,7 @@ from torch import nn
 
 from quantkit.errors import ModelLoadError
 from quantkit.export.writer import tied_names
+from quantkit.nn.dict_linear import DictLinear
 from quantkit.stream.offload import OffloadStore
 from quantkit.stream.source import SafetensorsSource
 
@@ -202,8 +203,8 @@ class StreamResidency:
                     module._buffers[leaf] = torch.empty_like(b, device="meta")
             # weights derived from released tensors and cached outside the buffers (DictLinear's
             # materialized W_l) would otherwise keep every released block's layer alive
-            if getattr(module, "_dense", None) is not None:
-                module._dense = module._dense_key = None
+            if isinstance(module, DictLinear):
+                module.drop_cache()
 
 
 def build_skeleton(model_dir: str | Path, dtype, trust_remote_code: bool = False) -> nn.Module:

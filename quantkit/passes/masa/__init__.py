@@ -69,7 +69,7 @@ class Masa(Pass):
         return self.refit or self.residual_share > 0
 
     def requirements(self) -> frozenset[str]:
-        return frozenset({"calib"}) if self.uses_grams or self.grouping == "kl" else frozenset()
+        return frozenset({"calib"}) if self.observe_needs_inputs(None) else frozenset()
 
     # ------------------------------------------------------------------ the two sweeps
     # Sweep 1 (observe_block, per block): hold the shared projections' weights, accumulate the

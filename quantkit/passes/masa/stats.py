@@ -14,25 +14,30 @@ LENS_CHUNK = 512
 _SHARED_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o"}
 
 
-@torch.no_grad()
-def collect_input_grams(model: nn.Module, ctx, arch, roles, damp: float) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, role) -> damped input Gram H = X^T X / N + lambda I (accumulated in float64, returned float32, CPU)."""
-    sums: dict[tuple[int, str], torch.Tensor] = {}
-    counts: dict[tuple[int, str], int] = {}
+def _gram_hooks(model: nn.Module, arch, roles, layers, sums: dict, counts: dict) -> list:
+    """Forward pre-hooks summing X^T X (float64, CPU) of each layer's q/k/v and o inputs into
+    sums[(layer, "qkv" | "o")], batch by batch, with token counts."""
     hooks = []
-    for layer in range(arch.num_layers):
+    for layer in layers:
         for kind in sorted({_SHARED_INPUT[r] for r in roles}):
             role = "q" if kind == "qkv" else kind
-            key = (layer, kind)
 
-            def hook(_mod, args, key=key):
+            def hook(_mod, args, key=(layer, kind)):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, d_in]
                 xtx = (x.T @ x).double().cpu()
                 sums[key] = sums[key] + xtx if key in sums else xtx
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
-            mod = model.get_submodule(arch.module_name(layer, role))
-            hooks.append(mod.register_forward_pre_hook(hook))
+            hooks.append(model.get_submodule(arch.module_name(layer, role)).register_forward_pre_hook(hook))
+    return hooks
+
+
+@torch.no_grad()
+def collect_input_grams(model: nn.Module, ctx, arch, roles, damp: float) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, role) -> damped input Gram H = X^T X / N + lambda I (accumulated in float64, returned float32, CPU)."""
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    counts: dict[tuple[int, str], int] = {}
+    hooks = _gram_hooks(model, arch, roles, range(arch.num_layers), sums, counts)
     try:
         for batch in ctx.calib_batches():
             model(input_ids=batch, use_cache=False)
@@ -53,41 +58,6 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise UnsupportedArchitectureError(f"masa kl grouping: no final norm found on {type(base).__name__}")
 
 
-@torch.no_grad()
-def logit_lens_boundaries(model: nn.Module, ctx, max_tokens: int) -> torch.Tensor:
-    """d[l] = mean_tokens KL(p_{l+1} || p_l), p_l = softmax(lm_head(norm(h_l))) after block l. [L-1]"""
-    arch = ctx.arch
-    layers = arch.layers(model)
-    norm, head = final_norm(model), model.get_output_embeddings()
-    totals = torch.zeros(len(layers) - 1, dtype=torch.float64)
-    seen = 0
-    for batch in ctx.calib_batches():
-        if seen >= max_tokens:
-            break
-        outs: list[torch.Tensor] = []
-        hooks = [
-            layer.register_forward_hook(lambda _m, _a, out: outs.append((out[0] if isinstance(out, tuple) else out).detach()))
-            for layer in layers
-        ]
-        try:
-            model(input_ids=batch, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        take = min(max_tokens - seen, batch.numel())
-        hs = [o.reshape(-1, o.shape[-1])[:take] for o in outs]  # L x [take, hidden]
-        for start in range(0, take, LENS_CHUNK):
-            prev = None
-            for layer, h in enumerate(hs):
-                logp = torch.log_softmax(head(norm(h[start : start + LENS_CHUNK])).float(), dim=-1)
-                if prev is not None:
-                    n = logp.shape[0]
-                    totals[layer - 1] += float(mm.logit_lens_kl(logp, prev)) * n
-                prev = logp
-        seen += take
-    return totals / max(seen, 1)
-
-
 # ----------------------------------------------------------------------------- per block (streaming)
 # The same statistics, gathered one decoder block at a time from the block's calibration inputs
 # (the block loop's first sweep), so the whole model never has to be in memory. Both execution
@@ -101,18 +71,7 @@ def block_grams(blk, arch, roles, sums: dict, counts: dict) -> list[torch.Tensor
     sums/counts are keyed like collect_input_grams's (layer, "qkv" | "o") and summed batch by batch
     in the same order, so the Grams equal the whole-model forward's bit for bit.
     """
-    hooks = []
-    for kind in sorted({_SHARED_INPUT[r] for r in roles}):
-        role = "q" if kind == "qkv" else kind
-        key = (blk.index, kind)
-
-        def hook(_mod, args, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, d_in]
-            xtx = (x.T @ x).double().cpu()
-            sums[key] = sums[key] + xtx if key in sums else xtx
-            counts[key] = counts.get(key, 0) + x.shape[0]
-
-        hooks.append(blk.model.get_submodule(arch.module_name(blk.index, role)).register_forward_pre_hook(hook))
+    hooks = _gram_hooks(blk.model, arch, roles, [blk.index], sums, counts)
     try:
         return blk.forward()
     finally:
@@ -135,8 +94,8 @@ class LensState:
 
     Holds the previous block's log-probabilities for the first max_tokens calibration tokens
     ([max_tokens, vocab] float32: 400 MB at 2048 tokens and a 49k vocabulary), never the
-    hidden states of every layer. Token selection and summation order follow
-    logit_lens_boundaries exactly.
+    hidden states of every layer. Tokens: the first max_tokens calibration tokens, summed
+    chunk by chunk in calibration order.
     """
 
     def __init__(self, n_layers: int, max_tokens: int):
