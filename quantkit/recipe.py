@@ -189,7 +189,7 @@ def _check_plan(where: str, recipe: Recipe) -> None:
         raise RecipeError(f"{where}: offload_dir needs execution: streaming (it offloads what streaming keeps "
                           "between blocks)")
     if recipe.output.save:
-        _check_fp4_folds(where, recipe)
+        _check_folds(where, recipe)
     _check_rotations(where, recipe)
 
 
@@ -208,15 +208,17 @@ def _check_rotations(where: str, recipe: Recipe) -> None:
         raise RecipeError(f"{where}: {problem}")
 
 
-def _check_fp4_folds(where: str, recipe: Recipe) -> None:
-    """ATM/OHB fold per-row gains into weights; FP4 block scales cannot absorb them exactly, so the
+def _check_folds(where: str, recipe: Recipe) -> None:
+    """ATM/OHB fold per-row gains into weights; only integer scales absorb them exactly, so the
     compressed-tensors writer would refuse at the end of the run: refuse the recipe now instead."""
-    fp4 = [p for p in recipe.passes if getattr(p, "format", "") and str(p.format).startswith(("nvfp4", "mxfp4"))]
+    from quantkit.export.compressed_tensors import folds_exactly
+
+    coded = [p for p in recipe.passes if getattr(p, "format", "") and not folds_exactly(str(p.format))]
     folds = [p for p in recipe.passes if p.name in ("attention_temperature", "head_balance") and getattr(p, "fold", False)]
-    if fp4 and folds:
+    if coded and folds:
         raise RecipeError(
-            f"{where}: {folds[0].name} folds per-row gains into {fp4[0].format} weights, which compressed-tensors "
-            "cannot store without re-rounding block scales; set output.save: false (accuracy study) or use an "
+            f"{where}: {folds[0].name} folds per-row gains into {coded[0].format} weights, which compressed-tensors "
+            "cannot store without re-rounding their scales; set output.save: false (accuracy study) or use an "
             "integer format"
         )
 

@@ -88,3 +88,13 @@ def test_resolved_recipe_round_trips_through_yaml():
     recipe = load_recipe("int8-w8a8")
     again = parse_recipe(yaml.safe_load(recipe.to_yaml()))
     assert again.to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_a_saved_fold_into_coded_scales_is_refused_up_front(fmt):
+    """The writer folds ATM/OHB gains only into integer scales; FP4 and FP8 were refused at the end
+    of the run (FP8 passed validation before the recipe check used the writer's own rule)."""
+    with pytest.raises(RecipeError, match=f"folds per-row gains into {fmt} weights"):
+        load_recipe("quantvla-llm-w4a8", overrides=["passes.1.format=" + fmt, "passes.1.act_format=null"])
+    load_recipe("quantvla-llm-w4a8", overrides=["passes.1.format=" + fmt, "passes.1.act_format=null",
+                                               "output.save=false"])  # an accuracy study writes nothing

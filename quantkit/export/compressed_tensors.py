@@ -128,6 +128,12 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def folds_exactly(fmt: str) -> bool:
+    """Whether a per-row output multiplier can move into this format's stored scales exactly:
+    integer formats scale per row (kept in fp32); FP4/FP8 scales are coded and would re-round."""
+    return fmt.startswith("int")
+
+
 def _folded_qweight(name: str, module: QLinear):
     """The QTensor with any exact per-row output multiplier (ATM/OHB folds) moved into its scales.
 
@@ -137,7 +143,7 @@ def _folded_qweight(name: str, module: QLinear):
     qt = module.qweight
     if module.output_scale is None:
         return qt
-    if not qt.format.startswith("int"):
+    if not folds_exactly(qt.format):
         raise QuantkitError(
             f"{name}: a per-row correction (ATM/OHB) on {qt.format} weights cannot be stored in the "
             "compressed-tensors layout without re-rounding its block scales; fold it before quantizing "
