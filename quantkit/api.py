@@ -196,8 +196,6 @@ def apply(
             seconds["eval_before"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if any(p.needs_teacher and p.execution != "block" for p in recipe.passes):
-            ctx.keep_teacher()  # whole-model passes compare against the model as loaded, before any pass
         only = distributed.my_blocks(arch.num_layers) if world > 1 else None
         report.passes = run_passes(stage_list, ctx, progress, writer=writer if one_loop else None, evaluation=evaluation,
                                    only=only)

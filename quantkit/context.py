@@ -65,14 +65,5 @@ class Context:
         for i in range(0, self.calib.shape[0], self.batch_size):
             yield self.calib[i : i + self.batch_size].to(self.device)
 
-    def calib_rows(self) -> int:
-        """Calibration sequences in the buffer (0 before the calibrate pass)."""
-        if self.calib is None:
-            return 0
-        if isinstance(self.calib, list):
-            return sum(len(b["input_ids"]) if isinstance(b, dict) and "input_ids" in b else
-                       len(b) if not isinstance(b, dict) else 1 for b in self.calib)
-        return int(self.calib.shape[0])
-
     def record(self, pass_name: str, **values: Any) -> None:
         self.report.setdefault(pass_name, {}).update(values)

@@ -95,7 +95,7 @@ def inspect_checkpoint(path: Path) -> dict:
         else:
             if types.get("masa") or any("masa" in str(t) for t in types):
                 info["extra"]["masa"] = masa_param_counts(qc)
-    experts = _experts_summary(tensors)
+    experts = _experts_summary(tensors, qmods)
     if experts:
         info["experts"] = experts
         info.setdefault("extra", {})["experts"] = _experts_line(experts)
@@ -106,10 +106,9 @@ def inspect_checkpoint(path: Path) -> dict:
 
 
 _EXPERT_KEY = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>[^.]+)$")
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale")  # every compressed-tensors weight format carries one
 
 
-def _experts_summary(tensors: dict) -> list[dict]:
+def _experts_summary(tensors: dict, qmods: set[str]) -> list[dict]:
     """Per MoE experts module: how many experts it has and how many have every projection quantized.
 
     Per-expert checkpoint tensors are `<module>.experts.<e>.<proj>.<suffix>`; fused 3-D expert
@@ -119,7 +118,7 @@ def _experts_summary(tensors: dict) -> list[dict]:
         m = _EXPERT_KEY.match(key)
         if m:
             slot = projs.setdefault(m["module"], {}).setdefault(int(m["e"]), {})
-            slot[m["proj"]] = slot.get(m["proj"], False) or m["suffix"] in _QUANT_SUFFIXES
+            slot[m["proj"]] = f"{m['module']}.{m['e']}.{m['proj']}" in qmods  # the one notion of "quantized"
             continue
         module, _, leaf = key.rpartition(".")
         if module.endswith(".experts") and len(meta["shape"]) == 3:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import ModelLoadError, QuantkitError, UnsupportedArchitectureError
+from quantkit.targets import hf_config
 
 _RESULT_KEYS = ("model", "tokenizer", "calib")
 
@@ -219,11 +220,6 @@ def calib_batches(batches: Iterable, what: str = "calibration batches") -> list:
 
 
 # --- walking a model that is not itself a transformers model ---------------------------------
-
-
-def hf_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config if hasattr(config, "to_dict") else None
 
 
 def arch_for(model: nn.Module):

@@ -27,6 +27,8 @@ def run_passes(stage_list: list[list], ctx: Context, progress: ProgressFactory =
     from quantkit.stream.loop import run_stage
 
     rows = []
+    if any(p.needs_teacher and p.execution != "block" for stage in stage_list for p in stage):
+        ctx.keep_teacher()  # whole-model passes compare against the model as loaded, before any pass
     for k, stage in enumerate(stage_list):
         later = [p for s in stage_list[k + 1:] for p in s]
         ctx.needed_later = set().union(*(q.requirements() for q in later)) if later else set()
@@ -38,8 +40,6 @@ def run_passes(stage_list: list[list], ctx: Context, progress: ProgressFactory =
         else:
             p = stage[0]
             ctx.needed = ctx.needed_later
-            if p.needs_teacher:
-                ctx.keep_teacher()
             with progress(f"pass: {p.name}", p.work_units(ctx)) as advance:
                 ctx.progress = advance
                 p.run(ctx.model, ctx)

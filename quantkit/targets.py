@@ -26,6 +26,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def hf_config(model: nn.Module):
+    """The model's transformers config, or None for a plain nn.Module (a --loader model, docs/loaders.md)."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_dict") else None
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put module at dotted path name, replacing what is there or adding a new child."""
     parent_name, _, child = name.rpartition(".")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.targets import hf_config
 from quantkit.export.shards import DEFAULT_MAX_SHARD, ShardWriter, finalize
 
 LAYOUTS = ("compressed-tensors", "quantkit", "dense", "bnb-int8")
@@ -166,7 +167,7 @@ class CheckpointWriter:
         self.schemes = dict(sorted(self.schemes.items(), key=lambda kv: order.get(kv[0], len(order))))
         self.ignore = sorted(self.ignore, key=lambda n: order.get(n, len(order)))
         self.modules = dict(sorted(self.modules.items(), key=lambda kv: order.get(kv[0], len(order))))
-        config = model.config.to_dict() if _hf_config(model) is not None else module_tree_config(model)
+        config = model.config.to_dict() if hf_config(model) is not None else module_tree_config(model)
         qc: dict = {}
         if self.layout == "compressed-tensors":
             from quantkit.export.compressed_tensors import config_from
@@ -197,12 +198,6 @@ class CheckpointWriter:
         return qc
 
 
-def _hf_config(model: nn.Module):
-    """The model's transformers config, or None for a plain nn.Module (a --loader model)."""
-    config = getattr(model, "config", None)
-    return config if hasattr(config, "to_dict") else None
-
-
 def module_tree_config(model: nn.Module) -> dict:
     """config.json of a model without a transformers config: its class and its sub-models' configs.
 
@@ -212,7 +207,7 @@ def module_tree_config(model: nn.Module) -> dict:
     cls = type(model)
     outer: dict[str, dict] = {}  # outermost sub-models only: a backbone's children share its config
     for name, m in model.named_modules():
-        if name and _hf_config(m) is not None and not any(name.startswith(o + ".") for o in outer):
+        if name and hf_config(m) is not None and not any(name.startswith(o + ".") for o in outer):
             outer[name] = m.config.to_dict()
     return {"model_type": "quantkit-module", "architectures": [cls.__name__],
             "module_class": f"{cls.__module__}.{cls.__qualname__}", "sub_configs": outer}
@@ -220,7 +215,7 @@ def module_tree_config(model: nn.Module) -> dict:
 
 def tied_names(model: nn.Module) -> set[str]:
     """Names that tie_weights() fills from another tensor (e.g. lm_head.weight)."""
-    if not getattr(_hf_config(model), "tie_word_embeddings", False):
+    if not getattr(hf_config(model), "tie_word_embeddings", False):
         return set()
     keys = getattr(model, "_tied_weights_keys", None) or {}
     return set(keys) if isinstance(keys, (dict, list, tuple, set)) else set()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.targets import hf_config
+
 
 @dataclass
 class Call:
@@ -59,7 +61,7 @@ def swapped_forwards(blocks: Sequence[nn.Module], make):
 def model_call(model: nn.Module, ids: torch.Tensor | dict, keep_all_logits: bool = False):
     if isinstance(ids, dict):  # a --loader's calibration batch: the model's own forward kwargs
         return model(**ids)
-    if not hasattr(getattr(model, "config", None), "to_dict"):  # a plain nn.Module (docs/loaders.md)
+    if hf_config(model) is None:  # a plain nn.Module (docs/loaders.md)
         return model(ids)
     kwargs = dict(input_ids=ids, use_cache=False)
     if not keep_all_logits:

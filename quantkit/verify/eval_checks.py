@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from quantkit.eval import kl_sum, nll_sum
 from quantkit.verify.checkpoint import Checkpoint
 from quantkit.verify.result import VerifyResult
 
@@ -41,12 +42,9 @@ def _logprobs(model, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _ppl(logprobs: list[torch.Tensor], windows: torch.Tensor) -> float:
-    nll, count = 0.0, 0
-    for i, lp in enumerate(logprobs):
-        target = windows[i : i + 1, 1:]  # next tokens [1, seq-1]
-        nll -= float(lp[:, :-1].gather(-1, target[..., None]).sum())
-        count += target.numel()
-    return math.exp(nll / count)
+    """quantkit.eval's next-token NLL (log-probs are their own log-softmax)."""
+    nll = sum(nll_sum(lp, windows[i : i + 1]) for i, lp in enumerate(logprobs))
+    return math.exp(nll / windows[:, 1:].numel())
 
 
 def check_eval(ckpt: Checkpoint, result: VerifyResult, source: str, n_windows: int) -> None:
@@ -68,7 +66,7 @@ def check_eval(ckpt: Checkpoint, result: VerifyResult, source: str, n_windows: i
             return
     out = _logprobs(model, windows)
     del model
-    kl = sum(float((r.exp() * (r - q)).sum()) for r, q in zip(ref, out)) / windows.numel()
+    kl = sum(kl_sum(r, q) for r, q in zip(ref, out)) / windows.numel()
     ppl_src, ppl_ckpt = _ppl(ref, windows), _ppl(out, windows)
     info = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "ppl_source": ppl_src,
             "ppl_checkpoint": ppl_ckpt, "ppl_increase_pct": 100 * (ppl_ckpt / ppl_src - 1), "kl": kl,

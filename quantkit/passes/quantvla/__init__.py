@@ -210,7 +210,7 @@ class _QuantVLAPass(Pass):
 
     def work_units(self, ctx) -> int:
         """Calibration sequences forwarded: teacher (unless cached) and student."""
-        n = ctx.calib_rows() if ctx.calib is not None else getattr(ctx.calib_config, "n_samples", 0)
+        n = getattr(ctx.calib_config, "n_samples", 0)  # recipe data or a loader's batches (loaders.Loaded)
         cached = bool(ctx.stats.get(STATS_KEY, {}).get("teacher_std"))
         return n * (1 if cached else 2)
 
