@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -268,24 +267,12 @@ def evaluable(model: nn.Module, tokenizer) -> bool:
 
 # --- reloading a checkpoint written from a loader's model --------------------------------------
 
-_CT_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "weight_shape",
-                "weight_zero_point", "input_global_scale")
-
-
-def _ct_targets(name: str, module: nn.Module, targets: list[str]) -> bool:
-    """compressed-tensors' target rule: a layer name, a class name, or a "re:" regex."""
-    return any((t.startswith("re:") and re.match(t[3:], name)) or t == name or t == type(module).__name__
-               for t in targets)
-
-
 def load_checkpoint(path: str | Path, model: nn.Module, mode: str = "real") -> nn.Module:
     """Load a checkpoint quantkit wrote (compressed-tensors or dense) into `model`, a fresh instance
     of the same architecture (e.g. from the same loader): quantized linears become QLinears
     holding the checkpoint's codes and scales. Every tensor must match: no missing, no extra."""
-    from quantkit.export.compressed_tensors import codecs
-    from quantkit.export.ct_reader import act_format, weight_format
-    from quantkit.nn.qlinear import QLinear
-    from quantkit.targets import set_module
+    from quantkit.export.ct_reader import read_tensors, swap_quantized
+    from quantkit.export.writer import tied_names
 
     path = Path(path)
     try:
@@ -297,37 +284,14 @@ def load_checkpoint(path: str | Path, model: nn.Module, mode: str = "real") -> n
     if method not in (None, "compressed-tensors"):
         raise ModelLoadError(f"{path}: reloading a {method} checkpoint into a loader's model is not supported; "
                              "compressed-tensors and dense checkpoints are")
-    from safetensors import safe_open
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            for key in sf.keys():
-                tensors[key] = sf.get_tensor(key)
+    tensors = read_tensors(path)
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = first.dtype if first is not None else torch.float32
-    ignore = set(qc.get("ignore") or [])
-    groups = list((qc.get("config_groups") or {}).values())
-    table = codecs() if groups else {}
-    swapped = []  # QLinears built from the file's tensors: their buffers are already filled
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name in ignore:
-            continue
-        group = next((g for g in groups if _ct_targets(name, module, g.get("targets", []))), None)
-        if group is None or f"{name}.weight_scale" not in tensors:
-            continue
-        parts = {s: tensors.pop(f"{name}.{s}") for s in _CT_SUFFIXES if f"{name}.{s}" in tensors}
-        if "weight_zero_point" in parts:
-            raise ModelLoadError(f"{name}: asymmetric (zero-point) weights are not supported by quantkit's runtime")
-        qt = table[weight_format(group["weights"])].from_ct(parts, (module.out_features, module.in_features))
-        bias = tensors.pop(f"{name}.bias", None)
-        swapped.append(name + ".")
-        set_module(model, name, QLinear(qt, None if bias is None else bias.to(dtype), mode=mode,
-                                        act_format=act_format(group.get("input_activations")),
-                                        input_global_scale=parts.get("input_global_scale"), compute_dtype=dtype))
+    # QLinears built from the file's tensors: their buffers are already filled
+    swapped = [n + "." for n in swap_quantized(model, tensors, qc, dtype, mode)]
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = _tied(model)
+    tied = tied_names(model)
     missing = [k for k in missing if k not in tied and not k.startswith(tuple(swapped))]
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
@@ -337,9 +301,3 @@ def load_checkpoint(path: str | Path, model: nn.Module, mode: str = "real") -> n
         model.tie_weights()
     return model.eval()
 
-
-def _tied(model: nn.Module) -> set[str]:
-    """Tensors the writer stores once (tied embeddings): filled by tie_weights, never in the file."""
-    from quantkit.export.writer import tied_names
-
-    return tied_names(model)

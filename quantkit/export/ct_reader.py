@@ -71,6 +71,51 @@ def matches(name: str, module: nn.Module, targets: list[str]) -> bool:
     return False
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for key in sf.keys():
+                tensors[key] = sf.get_tensor(key)
+    return tensors
+
+
+def swap_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], qc: dict, dtype: torch.dtype,
+                   mode: str = "real") -> list[str]:
+    """Replace every nn.Linear the config's groups quantize by a QLinear holding its checkpoint codes
+    and scales (popped from `tensors`), drop the transform matrices (rebuilt from transform_config)
+    and attach the online transforms; -> the names replaced. What is left in `tensors` is the
+    model's plain state."""
+    from quantkit.export.ct_transform import attach_online_transforms
+
+    ignore = set(qc.get("ignore") or [])
+    groups = list((qc.get("config_groups") or {}).values())
+    table = codecs() if groups else {}
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in ignore:
+            continue
+        group = next((g for g in groups if matches(name, module, g.get("targets", []))), None)
+        if group is None or f"{name}.weight_scale" not in tensors:
+            continue
+        parts = {s: tensors.pop(f"{name}.{s}") for s in _SUFFIXES if f"{name}.{s}" in tensors}
+        if "weight_zero_point" in parts:
+            raise ModelLoadError(f"{name}: asymmetric (zero-point) weights are not supported by quantkit's runtime")
+        qt = table[weight_format(group["weights"])].from_ct(parts, (module.out_features, module.in_features))
+        bias = tensors.pop(f"{name}.bias", None)
+        set_module(model, name, QLinear(qt, None if bias is None else bias.to(dtype), mode=mode,
+                                        act_format=act_format(group.get("input_activations")),
+                                        input_global_scale=parts.get("input_global_scale"), compute_dtype=dtype))
+        swapped.append(name)
+    suffixes = tuple(f".{g}_{loc}.weight" for g in ((qc.get("transform_config") or {}).get("config_groups") or {})
+                     for loc in ("input", "output"))
+    for key in [k for k in tensors if suffixes and k.endswith(suffixes)]:
+        tensors.pop(key)
+    attach_online_transforms(model, qc)
+    return swapped
+
+
 def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,36 +129,8 @@ def load_ct_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            for key in sf.keys():
-                tensors[key] = sf.get_tensor(key)
-    ignore = qc.get("ignore") or []
-    table = codecs()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name in ignore:
-            continue
-        group = next((g for g in qc.get("config_groups", {}).values() if matches(name, module, g.get("targets", []))), None)
-        if group is None:
-            continue
-        fmt, act = weight_format(group["weights"]), act_format(group.get("input_activations"))
-        parts = {s: tensors.pop(f"{name}.{s}") for s in _SUFFIXES if f"{name}.{s}" in tensors}
-        if "weight_zero_point" in parts:
-            raise ModelLoadError(f"{name}: asymmetric (zero-point) weights are not supported by quantkit's runtime")
-        codec = table[fmt]
-        qt = codec.from_ct(parts, (module.out_features, module.in_features))
-        bias = tensors.pop(f"{name}.bias", None)
-        q = QLinear(qt, None if bias is None else bias.to(dtype), mode="real", act_format=act,
-                    input_global_scale=parts.get("input_global_scale"), compute_dtype=dtype)
-        set_module(model, name, q)
-    suffixes = tuple(f".{g}_{loc}.weight" for g in ((qc.get("transform_config") or {}).get("config_groups") or {})
-                     for loc in ("input", "output"))
-    for key in [k for k in tensors if suffixes and k.endswith(suffixes)]:
-        tensors.pop(key)  # transform matrices: rebuilt from transform_config below
-    from quantkit.export.ct_transform import attach_online_transforms
-
-    attach_online_transforms(model, qc)
+    tensors = read_tensors(path)
+    swap_quantized(model, tensors, qc, dtype)
     missing = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                     strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
