@@ -105,9 +105,9 @@ def quantkit_apply(model_dir: Path, out: Path, execution: str, tag: str) -> dict
 def _cpu(time_file: Path) -> dict:
     """User + system CPU seconds of a process from its GNU time file: on a loaded shared machine
     wall time mostly measures the load, CPU time the work."""
-    from bench.peers.common import _parse_gnu_time
+    from bench.peers.common import parse_gnu_time
 
-    cpu = _parse_gnu_time(time_file.read_text()).get("cpu_s") if time_file.exists() else None
+    cpu = parse_gnu_time(time_file.read_text()).get("cpu_s") if time_file.exists() else None
     return {} if cpu is None else {"cpu_s": round(cpu, 1)}
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.peers.common import parse_gnu_time  # noqa: E402
 from bench.provenance import provenance, provenance_markdown  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -76,14 +77,13 @@ def gnu_time(cmd: list[str], tag: str, timeout: float | None = None, env: dict |
             proc.wait()
             return {"error": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - start, 1)}
     wall = time.perf_counter() - start
-    text = time_file.read_text() if time_file.exists() else ""
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    status = re.search(r"Command terminated by signal (\d+)", text)
-    out = {"wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+    report = parse_gnu_time(time_file.read_text()) if time_file.exists() else {}
+    rss = report.get("peak_rss_mb")
+    out = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss) if rss is not None else None,
            "exit": proc.returncode, "loadavg_start": load_start, "loadavg_end": round(os.getloadavg()[0], 1)}
     if proc.returncode != 0:
         tail = log_file.read_text().strip().splitlines() or ["?"]
-        killed = (status and status.group(1) == "9") or proc.returncode in (-9, 137)
+        killed = report.get("signal") == 9 or proc.returncode in (-9, 137)
         out["error"] = "out of memory (killed)" if killed else tail[-1][:300]
     return out
 
@@ -180,24 +180,17 @@ def adopt_finished(tag: str, out: Path, started_commit: str) -> dict | None:
     in its own session; GNU time still writes its report. This reads that report the way
     gnu_time does, plus GNU time's own elapsed time for the wall, and says where it came from."""
     time_file, log_file = WORK / f"{tag}.time.txt", WORK / f"{tag}.log"
-    text = time_file.read_text() if time_file.exists() else ""
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
-    status = re.search(r"Exit status: (\d+)", text)
-    if not (rss and elapsed and status):
+    report = parse_gnu_time(time_file.read_text()) if time_file.exists() else {}
+    if not {"peak_rss_mb", "wall_s", "exit_status"} <= report.keys():
         return None
-    wall = 0.0
-    for part in elapsed.group(1).split(":"):
-        wall = wall * 60 + float(part)
-    r = {"wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024), "exit": int(status.group(1)),
+    r = {"wall_s": round(report["wall_s"], 1), "peak_rss_mb": round(report["peak_rss_mb"]),
+         "exit": report["exit_status"],
          "adopted": f"process started by bench_streaming at commit {started_commit}; that invocation was stopped "
                     f"while the process ran on; peak RSS and wall from its GNU time report"}
-    cmd = re.search(r'Command being timed: "(.*?)"\n', text, re.S)
-    if cmd:
-        r["command"] = cmd.group(1)
-    signal_kill = re.search(r"Command terminated by signal (\d+)", text)
-    if signal_kill:
-        r["error"] = f"killed by signal {signal_kill.group(1)}"
+    if "command" in report:
+        r["command"] = report["command"]
+    if "signal" in report:
+        r["error"] = f"killed by signal {report['signal']}"
     elif r["exit"] != 0:
         r["error"] = (log_file.read_text().strip().splitlines() or ["?"])[-1][:300]
     else:
@@ -302,7 +295,7 @@ def markdown(res: dict) -> str:
     out += ["## 7B-shaped Llama: quantkit streaming vs llm-compressor", "",
             "Llama-2-7B dims (hidden 4096, 32 layers, intermediate 11008, 32 heads) with **SmolLM2's vocab 49152** "
             "instead of 32000, so SmolLM2's tokenizer gives valid ids; random bf16 weights, "
-            f"{res.get('llama7b_source_gb', '-')} GB of shards (bench/synth.py). Goal: quantkit peak RSS <= 3 GB.", "",
+            f"{res['geometry'].get('7B-shaped Llama', {}).get('source_gb', '-')} GB of shards (bench/synth.py). Goal: quantkit peak RSS <= 3 GB.", "",
             "| scheme | quantkit wall s | quantkit peak RSS MB | <= 3 GB | quantkit GB | quantkit row | "
             "llm-compressor wall s | llm-compressor peak RSS MB | llm-compressor row |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -407,11 +400,12 @@ def main(argv: list[str] | None = None) -> dict:
     import_previous_run()
     res: dict = {"provenance": prov}
     smollm2 = default_model_dir()
-    llama7b = write_llama("llama-7b", WORK / "synth-llama-7b")
+    # the 14 GB model is written only for rows that read it (a SmolLM2-only run must not pay for it)
+    needs_7b = parts & {"sizes", "7b", "peer", "load"} or (WORK / "synth-llama-7b").exists()
+    llama7b = write_llama("llama-7b", WORK / "synth-llama-7b") if needs_7b else None
     llama1b = write_llama("llama-1b", WORK / "synth-llama-1b") if "sizes" in parts or (WORK / "synth-llama-1b").exists() else None
     llama7b8 = (write_llama("llama-7b-8l", WORK / "synth-llama-7b-8l")
                 if "sizes" in parts or (WORK / "synth-llama-7b-8l").exists() else None)
-    res["llama7b_source_gb"] = round(sum(p.stat().st_size for p in llama7b.glob("*.safetensors")) / 1e9, 2)
     res["geometry"] = {name: {**block_bytes(p), "source_gb": round(sum(f.stat().st_size for f in Path(p).glob("*.safetensors")) / 1e9, 2)}
                        for name, p in (("SmolLM2-135M", smollm2), ("1B-shaped Llama", llama1b),
                                        ("7B-shaped Llama, 8 of its 32 layers", llama7b8), ("7B-shaped Llama", llama7b)) if p}

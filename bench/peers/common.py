@@ -81,15 +81,31 @@ def write_calib(token_ids, path: str | os.PathLike) -> Path:
     return path
 
 
-def _parse_gnu_time(text: str) -> dict:
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    user = re.search(r"User time \(seconds\): ([\d.]+)", text)
-    system = re.search(r"System time \(seconds\): ([\d.]+)", text)
-    out = {}
-    if rss:
-        out["peak_rss_mb"] = int(rss.group(1)) / 1024
-    if user and system:
-        out["cpu_s"] = float(user.group(1)) + float(system.group(1))
+def parse_gnu_time(text: str) -> dict:
+    """What GNU time -v reports: peak_rss_mb, cpu_s (user + system), wall_s, exit_status, signal
+    (the one that killed the command) and command; keys only for what the report holds."""
+    found = {k: re.search(p, text, re.S) for k, p in (
+        ("rss", r"Maximum resident set size \(kbytes\): (\d+)"), ("user", r"User time \(seconds\): ([\d.]+)"),
+        ("system", r"System time \(seconds\): ([\d.]+)"),
+        ("wall", r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)"),
+        ("exit", r"Exit status: (\d+)"), ("signal", r"Command terminated by signal (\d+)"),
+        ("command", r'Command being timed: "(.*?)"\n'))}
+    out: dict = {}
+    if found["rss"]:
+        out["peak_rss_mb"] = int(found["rss"].group(1)) / 1024
+    if found["user"] and found["system"]:
+        out["cpu_s"] = float(found["user"].group(1)) + float(found["system"].group(1))
+    if found["wall"]:
+        wall = 0.0
+        for part in found["wall"].group(1).split(":"):  # h:mm:ss or m:ss.ss
+            wall = wall * 60 + float(part)
+        out["wall_s"] = wall
+    if found["exit"]:
+        out["exit_status"] = int(found["exit"].group(1))
+    if found["signal"]:
+        out["signal"] = int(found["signal"].group(1))
+    if found["command"]:
+        out["command"] = found["command"].group(1)
     return out
 
 
@@ -168,7 +184,7 @@ def run_peer(
     result = json.loads(json_file.read_text())
     outside = {"wall_s": wall}
     if time_file.exists():
-        outside |= _parse_gnu_time(time_file.read_text())
+        outside |= {k: v for k, v in parse_gnu_time(time_file.read_text()).items() if k in ("peak_rss_mb", "cpu_s")}
         outside["how"] = "gnu-time"
     else:
         outside["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
