@@ -21,20 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from quantkit.arch import arch_info  # noqa: E402
 from quantkit.context import Context  # noqa: E402
@@ -51,29 +46,9 @@ BLOCKS = (16, 32, 64)
 DAMPING = 0.01
 # the dev/held-out protocol is bench_fp4_quality's (every 4th calibration article is development
 # text), so the two benches score the same windows
-from bench.bench_fp4_quality import CALIB_SAMPLES, DEV_EVERY, SEED, SEQ_LEN, split_calib_texts, windows_of  # noqa: E402
-
-
-@torch.inference_mode()
-def window_ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
-    nll, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i : i + batch]
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
-
-
-def environment(argv: list[str]) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantkit", "bench"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit, "tree_dirty": bool(dirty), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
-            "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
+from bench.bench_fp4_quality import (  # noqa: E402
+    CALIB_SAMPLES, DEV_EVERY, SEED, SEQ_LEN, environment, ppl_of, split_calib_texts, window_nll, windows_of,
+)
 
 
 def run_config(scheme: str, kind: str, block: int, windows: int, dev: torch.Tensor, calib: torch.Tensor) -> dict:
@@ -95,7 +70,7 @@ def run_config(scheme: str, kind: str, block: int, windows: int, dev: torch.Tens
            "fused_vo_blocks": ctx.report.get("rotate", {}).get("fused_vo_blocks", 0)}
     model.float()  # fp32 compute; QLinear rebuilds its dense cache from the codes
     t = time.time()
-    row["dev_ppl"] = window_ppl(model, dev)
+    row["dev_ppl"] = ppl_of(window_nll(model, dev))
     row["heldout_ppl"] = perplexity(model, tok, seq_len=SEQ_LEN, max_windows=windows)
     row["eval_s"] = round(time.time() - t, 1)
     return row
@@ -104,7 +79,7 @@ def run_config(scheme: str, kind: str, block: int, windows: int, dev: torch.Tens
 def bf16_row(windows: int, dev: torch.Tensor) -> dict:
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
     model.eval().float()
-    return {"scheme": "bf16", "kind": "-", "block": None, "quantize_s": 0.0, "dev_ppl": window_ppl(model, dev),
+    return {"scheme": "bf16", "kind": "-", "block": None, "quantize_s": 0.0, "dev_ppl": ppl_of(window_nll(model, dev)),
             "heldout_ppl": perplexity(model, tok, seq_len=SEQ_LEN, max_windows=windows)}
 
 
