@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.structure.experts import ExpertsInfo, describe_experts, is_fused_experts
+from quantkit.structure.experts import ExpertsInfo, is_fused_experts, module_layout
 
 
 @dataclass
@@ -51,53 +51,50 @@ class ExpertStats:
         cur[e] = torch.maximum(cur[e], x.detach().abs().amax().float().cpu())
 
 
-def _layout(module: nn.Module, name: str) -> ExpertsInfo:
-    hidden = getattr(module, "hidden_dim", None) or getattr(getattr(module, "config", None), "hidden_size", 0)
-    return describe_experts(name, module, hidden)
-
-
 def _matrix(module: nn.Module, layout: ExpertsInfo, role: str, e: int) -> torch.Tensor:
     w = getattr(module, layout.params[role])[e]
     return w.t() if layout.transposed else w  # [out, in]
 
 
-@torch.no_grad()
-def _record(module: nn.Module, layout: ExpertsInfo, stats: ExpertStats, x: torch.Tensor, top_k_index: torch.Tensor,
-            all_experts: bool) -> None:
-    x = x.reshape(-1, x.shape[-1])
-    stats.tokens += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=layout.num_experts)[: layout.num_experts]
+def _routed_counts(layout: ExpertsInfo, top_k_index: torch.Tensor) -> torch.Tensor:
+    """[E] tokens the real routing sends each expert."""
+    return torch.bincount(top_k_index.reshape(-1).cpu(), minlength=layout.num_experts)[: layout.num_experts]
+
+
+def _expert_inputs(module: nn.Module, layout: ExpertsInfo, x: torch.Tensor, top_k_index: torch.Tensor,
+                   all_experts: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per expert with input: (e, what its gate/up read [n, H], what its down projection reads [n, I]).
+    Rows are every token (all_experts) or the tokens the real routing sends it."""
     roles = layout.params
-    first = "gate_up" if "gate_up" in roles else "up"
     for e in range(layout.num_experts):
         rows = x if all_experts else x[(top_k_index == e).any(dim=-1)]
         if rows.shape[0] == 0:
             continue
-        stats.observe(roles[first], e, rows)
-        y = F.linear(rows, _matrix(module, layout, first, e))
-        if first == "gate_up":
-            gate, up = y.chunk(2, dim=-1)
+        if "gate_up" in roles:
+            gate, up = F.linear(rows, _matrix(module, layout, "gate_up", e)).chunk(2, dim=-1)
         else:
-            up, gate = y, (F.linear(rows, _matrix(module, layout, "gate", e)) if "gate" in roles else None)
-        h = up if gate is None else module.act_fn(gate) * up
-        stats.observe(roles["down"], e, h)
+            up = F.linear(rows, _matrix(module, layout, "up", e))
+            gate = F.linear(rows, _matrix(module, layout, "gate", e)) if "gate" in roles else None
+        yield e, rows, (up if gate is None else module.act_fn(gate) * up)
 
 
 @contextmanager
-def expert_statistics(root: nn.Module, all_experts: bool = True, prefix: str = "") -> Iterator[dict[str, ExpertStats]]:
-    """Record ExpertStats for every fused-experts module under root (names prefixed by `prefix`)."""
-    found: dict[str, ExpertStats] = {}
+def _on_experts(root: nn.Module, prefix: str, make, record) -> Iterator[dict]:
+    """A forward hook on every float fused-experts module under root: record(module, layout, state,
+    x [tokens, H], top_k_index) on each routed forward; yields {name (prefixed): state = make(E)}."""
+    found: dict = {}
     handles = []
     for name, module in root.named_modules():
         # float experts only: statistics are taken before quantization
         if not is_fused_experts(module) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
-        layout = _layout(module, name)
+        layout = module_layout(module, name)
         full = f"{prefix}.{name}" if prefix and name else (name or prefix)
-        stats = found[full] = ExpertStats(layout.num_experts)
+        state = found[full] = make(layout.num_experts)
 
-        def hook(mod, args, _out, layout=layout, stats=stats):
+        def hook(mod, args, _out, layout=layout, state=state):
             if len(args) >= 2:  # routed experts forward (hidden, top_k_index, ...); others: no statistics
-                _record(mod, layout, stats, args[0], args[1], all_experts)
+                record(mod, layout, state, args[0].reshape(-1, args[0].shape[-1]), args[1])
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -107,10 +104,24 @@ def expert_statistics(root: nn.Module, all_experts: bool = True, prefix: str = "
             h.remove()
 
 
+def expert_statistics(root: nn.Module, all_experts: bool = True, prefix: str = ""):
+    """Record ExpertStats for every fused-experts module under root (names prefixed by `prefix`)."""
+
+    @torch.no_grad()
+    def record(module, layout, stats, x, top_k_index):
+        stats.tokens += _routed_counts(layout, top_k_index)
+        first = layout.params["gate_up"] if "gate_up" in layout.params else layout.params["up"]
+        for e, rows, down_in in _expert_inputs(module, layout, x, top_k_index, all_experts):
+            stats.observe(first, e, rows)
+            stats.observe(layout.params["down"], e, down_in)
+
+    return _on_experts(root, prefix, ExpertStats, record)
+
+
 @torch.no_grad()
 def input_amax(stats: ExpertStats, module: nn.Module, name: str = "experts") -> dict[str, torch.Tensor]:
     """Fused param -> [E] input amax, every entry finite and positive (fallbacks in the module doc)."""
-    layout = _layout(module, name)
+    layout = module_layout(module, name)
     roles = layout.params
     first = roles["gate_up"] if "gate_up" in roles else roles["up"]
     down = roles["down"]
@@ -158,6 +169,11 @@ def input_global_scales(stats: ExpertStats, module: nn.Module, act_format: str, 
 
 
 # -- GPTQ: a Hessian per expert from the tokens the real routing sends it -------------------------------
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().float()  # [n, in]
+    return x.T @ x
+
+
 @dataclass
 class ExpertHessians:
     """H = sum over tokens routed to expert e of x x^T, per fused parameter, fp32 ([in, in] or None: no token)."""
@@ -170,53 +186,24 @@ class ExpertHessians:
         if self.tokens is None:
             self.tokens = torch.zeros(self.num_experts, dtype=torch.int64)
 
-    def add(self, param: str, e: int, x: torch.Tensor) -> None:
-        x = x.detach().float()  # [n, in]
+    def add(self, param: str, e: int, xtx: torch.Tensor) -> None:
+        """Add one batch's X^T X [in, in] for expert e."""
         slots = self.h.setdefault(param, [None] * self.num_experts)
-        xtx = x.T @ x
         slots[e] = xtx if slots[e] is None else slots[e] + xtx
 
 
-@torch.no_grad()
-def _record_hessians(module: nn.Module, layout: ExpertsInfo, hs: ExpertHessians, x: torch.Tensor,
-                     top_k_index: torch.Tensor) -> None:
-    x = x.reshape(-1, x.shape[-1])
-    hs.tokens += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=layout.num_experts)[: layout.num_experts]
-    roles = layout.params
-    firsts = ["gate_up"] if "gate_up" in roles else [r for r in ("gate", "up") if r in roles]
-    for e in range(layout.num_experts):
-        rows = x[(top_k_index == e).any(dim=-1)]  # [n_e, H] tokens routed to e (real routing only)
-        if rows.shape[0] == 0:
-            continue
-        for r in firsts:  # gate and up read the same input: one Hessian, kept per parameter
-            hs.add(roles[r], e, rows)
-        if "gate_up" in roles:
-            gate, up = F.linear(rows, _matrix(module, layout, "gate_up", e)).chunk(2, dim=-1)
-        else:
-            up = F.linear(rows, _matrix(module, layout, "up", e))
-            gate = F.linear(rows, _matrix(module, layout, "gate", e)) if "gate" in roles else None
-        hs.add(roles["down"], e, up if gate is None else module.act_fn(gate) * up)  # down's input [n_e, I]
-
-
-@contextmanager
-def expert_hessians(root: nn.Module, prefix: str = "") -> Iterator[dict[str, ExpertHessians]]:
+def expert_hessians(root: nn.Module, prefix: str = ""):
     """Record ExpertHessians for every float fused-experts module under root (names prefixed by `prefix`)."""
-    found: dict[str, ExpertHessians] = {}
-    handles = []
-    for name, module in root.named_modules():
-        if not is_fused_experts(module) or not any(p.dim() == 3 for p in module.parameters(recurse=False)):
-            continue
-        layout = _layout(module, name)
-        full = f"{prefix}.{name}" if prefix and name else (name or prefix)
-        hs = found[full] = ExpertHessians(layout.num_experts)
 
-        def hook(mod, args, _out, layout=layout, hs=hs):
-            if len(args) >= 2:  # the routed (hidden_states, top_k_index, ...) forward
-                _record_hessians(mod, layout, hs, args[0], args[1])
+    @torch.no_grad()
+    def record(module, layout, hs, x, top_k_index):
+        hs.tokens += _routed_counts(layout, top_k_index)
+        roles = layout.params
+        firsts = ["gate_up"] if "gate_up" in roles else [r for r in ("gate", "up") if r in roles]
+        for e, rows, down_in in _expert_inputs(module, layout, x, top_k_index, all_experts=False):
+            xtx = _gram(rows)  # gate and up read the same input: one Hessian, computed once
+            for k, r in enumerate(firsts):  # kept per parameter (a copy: the solver damps in place)
+                hs.add(roles[r], e, xtx if k == 0 else xtx.clone())
+            hs.add(roles["down"], e, _gram(down_in))
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
+    return _on_experts(root, prefix, ExpertHessians, record)

@@ -26,7 +26,7 @@ from torch import nn
 from quantkit.errors import FormatError
 from quantkit.formats import get_format
 from quantkit.formats.base import QTensor
-from quantkit.structure.experts import ExpertsInfo, describe_experts, is_fused_experts
+from quantkit.structure.experts import ExpertsInfo, is_fused_experts, module_layout
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -190,9 +190,7 @@ def quantize_experts(module: nn.Module, fmt_name: str, mode: str = "real", act_f
 
 
 def _layout_of(module: nn.Module, hidden_size: int | None = None) -> ExpertsInfo:
-    if hidden_size is None:
-        hidden_size = getattr(module, "hidden_dim", None) or getattr(getattr(module, "config", None), "hidden_size", 0)
-    layout = describe_experts("", module, hidden_size)
+    layout = module_layout(module, "", hidden_size)
     if not layout.params:
         raise FormatError(f"cannot tell the input and output projections of {type(module).__name__}")
     return layout

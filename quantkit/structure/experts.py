@@ -51,6 +51,13 @@ def _assign(shapes: dict[str, tuple[int, ...]], hidden_size: int, transposed: bo
     return ins, outs
 
 
+def module_layout(module: nn.Module, path: str = "", hidden_size: int | None = None) -> ExpertsInfo:
+    """describe_experts with the module's own hidden size (its hidden_dim, or its config's) unless given."""
+    if hidden_size is None:
+        hidden_size = getattr(module, "hidden_dim", None) or getattr(getattr(module, "config", None), "hidden_size", 0)
+    return describe_experts(path, module, hidden_size)
+
+
 def describe_experts(path: str, module: nn.Module, hidden_size: int) -> ExpertsInfo:
     """Roles from shapes: the input projection reads the hidden size, the output one writes it.
 
