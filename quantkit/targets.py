@@ -68,6 +68,15 @@ class Targets(BaseModel):
     roles: list[str] = []  # e.g. ["q", "k", "v", "o"]; empty = all roles
     layers: list[int] = []  # empty = all layers
 
+    def covers(self, name: str, layer: int, component: str) -> bool:
+        """Whether these targets take a block module that is not a plain linear (MoE experts,
+        routers): `include` must name it when given, `exclude` drops, `roles` and `layers` filter."""
+        if self.include and not any(fnmatchcase(name, p) for p in self.include):
+            return False
+        if any(fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return (not self.roles or component in self.roles) and (not self.layers or layer in self.layers)
+
     def select(self, model: nn.Module, arch: ArchInfo, kind=is_linear) -> list[str]:
         names = []
         for name, module in model.named_modules():

@@ -143,25 +143,17 @@ def moe_units(model: nn.Module, arch: ArchInfo, targets: Targets | None = None) 
     Experts count in every run a default recipe would quantize (ALL, block, complement); routers,
     which recipes keep in high precision, only in their own component and grid runs: the sweep
     answers what quantizing them would cost."""
-    from fnmatch import fnmatchcase
-
-    from quantkit.nn.qexperts import is_experts
+    from quantkit.nn.qexperts import select_experts
 
     t = targets or Targets()
-    out: dict[str, tuple[int, str]] = {}
+    chosen = set(select_experts(t, model, arch))
+    out = {name: (layer, "experts") for layer in range(arch.num_layers) for name, _ in arch.experts(layer)
+           if name in chosen}
     for layer in range(arch.num_layers):
-        found = [(n, "experts") for n, _ in arch.experts(layer) if is_experts(model.get_submodule(n))]
-        found += [(n, "router") for n in arch.routers(layer)
-                  if getattr(model.get_submodule(n), "weight", None) is not None
-                  and model.get_submodule(n).weight.dim() == 2]
-        for name, comp in found:
-            if t.include and not any(fnmatchcase(name, p) for p in t.include):
-                continue
-            if any(fnmatchcase(name, p) for p in t.exclude):
-                continue
-            if (t.roles and comp not in t.roles) or (t.layers and layer not in t.layers):
-                continue
-            out[name] = (layer, comp)
+        for name in arch.routers(layer):
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if weight is not None and weight.dim() == 2 and t.covers(name, layer, "router"):
+                out[name] = (layer, "router")
     return out
 
 

@@ -237,22 +237,8 @@ def select_experts(targets, model: nn.Module, arch) -> list[str]:
     """Fused-experts modules a quantize pass's Targets covers, with Targets' own semantics: `roles`
     empty or naming "experts", `layers` empty or naming the block, `exclude` globs drop, and a
     non-empty `include` must name the module."""
-    from fnmatch import fnmatchcase
-
-    names = []
-    for layer in range(arch.num_layers):
-        for name, _ in arch.experts(layer):
-            if targets.include and not any(fnmatchcase(name, p) for p in targets.include):
-                continue
-            if any(fnmatchcase(name, p) for p in targets.exclude):
-                continue
-            if targets.roles and "experts" not in targets.roles:
-                continue
-            if targets.layers and layer not in targets.layers:
-                continue
-            if is_experts(model.get_submodule(name)):
-                names.append(name)
-    return names
+    return [name for layer in range(arch.num_layers) for name, _ in arch.experts(layer)
+            if targets.covers(name, layer, "experts") and is_experts(model.get_submodule(name))]
 
 
 def quantize_named_experts(model: nn.Module, names: list[str], fmt_name: str, mode: str = "real",
