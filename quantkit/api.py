@@ -155,10 +155,11 @@ def apply(
                                                 offload_root)
     seconds["load"] = time.perf_counter() - t
     report.device = str(dev)
-    from quantkit.loaders import arch_for, check_scopes, evaluable
+    from quantkit.loaders import arch_for, evaluable
 
     arch = arch_for(model)
-    check_scopes(recipe.passes, model)  # a scope the model lacks fails now, before any calibration
+    for p in recipe.passes:
+        p.check_model(model)  # e.g. a QuantVLA scope the model lacks fails now, before any calibration
     if do_eval and not evaluable(model, tokenizer):
         if max_ppl_increase is not None or max_kl is not None:
             raise RecipeError("quality gates need perplexity, which needs a transformers causal LM and its tokenizer")

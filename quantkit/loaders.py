@@ -245,18 +245,6 @@ def arch_for(model: nn.Module):
         "through its decoder blocks (docs/loaders.md)")
 
 
-def check_scopes(passes, model: nn.Module) -> None:
-    """A pass's scope (QuantVLA's dit / llm) must exist in the model: checked right after loading."""
-    from quantkit.passes.quantvla.ratios import select_sites
-
-    for p in passes:
-        if p.name in ("attention_temperature", "head_balance"):
-            try:
-                select_sites(model, p.scope, p.include, p.exclude, p.dit_patterns)
-            except QuantkitError as e:
-                raise QuantkitError(f"{p.name}: {e}") from None
-
-
 def evaluable(model: nn.Module, tokenizer) -> bool:
     """apply's perplexity/KL need a transformers causal LM (logits over a vocabulary) and its tokenizer."""
     from transformers import PreTrainedModel

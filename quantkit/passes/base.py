@@ -60,6 +60,10 @@ class Pass(BaseModel):
     def work_units(self, ctx: Any) -> int:
         return 0
 
+    def check_model(self, model: Any) -> None:
+        """Right after loading, before any heavy work: raise a QuantkitError if this model cannot
+        take the pass (e.g. QuantVLA's scope names modules it lacks). Default: nothing to check."""
+
     def requirements(self) -> frozenset[str]:
         """Facts this configured pass needs; override when they depend on fields."""
         return self.requires

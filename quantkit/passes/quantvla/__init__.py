@@ -163,6 +163,12 @@ class _QuantVLAPass(Pass):
     def execution(self) -> str:  # decoder attention runs per block; a VLA's DiT needs the whole model
         return "block" if self.scope == "llm" else "model"
 
+    def check_model(self, model: nn.Module) -> None:
+        try:
+            select_sites(model, self.scope, self.include, self.exclude, self.dit_patterns)
+        except QuantkitError as e:
+            raise QuantkitError(f"{self.name}: {e}") from None
+
     # -- the block loop (scope llm): the teacher is block i as loaded, on the same inputs -----------
     def begin(self, ctx) -> None:
         ctx.scratch.setdefault(STATS_KEY, {"teacher_std": {}, "teacher_rms": {}, "heads": {}})
