@@ -635,15 +635,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
     calib_texts, dev_texts = split_calib_texts()
     calib = windows_of(tok, calib_texts, CALIB_SAMPLES, SEED)
-    dev = windows_of(tok, dev_texts, args.dev_windows, None)
-    heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows)  # quantkit eval's windows (BOS)
-    del model
-    if args.gptq_knobs:
+    if args.gptq_knobs:  # scored on its own dev windows: no held-out text needed
+        del model
         layers = [int(x) for x in args.gptq_knobs.split(",")]
         env = environment(argv)
         rows = gptq_knobs(layers, calib, windows_of(tok, dev_texts, 8, None),
                           on_row=lambda rs: write_gptq(rs, layers, env, args.name))
         return {"rows": rows}
+    dev = windows_of(tok, dev_texts, args.dev_windows, None)
+    heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows)  # quantkit eval's windows (BOS)
+    del model
     WORK.mkdir(parents=True, exist_ok=True)
     files = {}
     for n, t in (("calib", calib), ("dev", dev), ("heldout", heldout)):
@@ -656,8 +657,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_tiny:
         out["tiny"] = tiny_weight_errors()
         write(out, args.name)
-    if args.tiny_only:
-        return out
     cache: dict = {}
     for spec in filter(None, args.configs.split(",")):
         row = run_config(spec, heldout, dev, calib, cache)
