@@ -37,9 +37,7 @@ def verify_checkpoint(
         raise VerifyInputError(f"--eval-windows must be 0 (off) or a positive number of windows, not {eval_windows}")
     from quantkit.verify.config_checks import check_config
     from quantkit.verify.layout_checks import check_quantkit_layout
-    from quantkit.verify.run_checks import check_runs
     from quantkit.verify.shape_checks import check_shapes
-    from quantkit.verify.source_checks import check_source
     from quantkit.verify.tensor_checks import check_tensors
     from quantkit.verify.transform_checks import check_transforms
 
@@ -57,15 +55,59 @@ def verify_checkpoint(
         check_quantkit_layout(ckpt, result)
     if cheap:
         return result
-    if run:
-        dynamic_int = plan is not None and any(
-            s.acts is not None and s.acts.get("type") == "int" and s.acts.get("dynamic") is True
-            for s in plan.schemes.values())
-        check_runs(ckpt, result, dynamic_int_acts=dynamic_int)
-    if source is not None and plan is not None:
-        check_source(ckpt, result, plan, source)
-    if eval_windows and source is not None:
-        from quantkit.verify.eval_checks import check_eval
-
-        check_eval(ckpt, result, source, eval_windows)
+    dynamic_int = plan is not None and any(
+        s.acts is not None and s.acts.get("type") == "int" and s.acts.get("dynamic") is True
+        for s in plan.schemes.values())
+    # the reference goes straight to _loaded_checks, which drops it before quantkit's runtime loads
+    ref = _source_checks(ckpt, result, plan, source, eval_windows) if source is not None else None
+    if run or ref is not None:
+        _loaded_checks(ckpt, result, run, ref, dynamic_int)
     return result
+
+
+def _source_checks(ckpt: Checkpoint, result: VerifyResult, plan, source: str, eval_windows: int):
+    """The checks that read the source, on one load of it: the layer comparison and, with
+    eval_windows, the evaluation's reference (returned); the source is released before the
+    checkpoint loads, so one model is in memory at a time."""
+    from quantkit.verify.source_checks import check_source
+    from quantkit.verify.source_model import SourceModel
+
+    src = SourceModel(source)
+    if plan is not None:
+        check_source(ckpt, result, plan, src)
+    if not eval_windows:
+        return None
+    from quantkit.verify.eval_checks import reference
+
+    try:
+        return reference(ckpt, src, eval_windows)
+    finally:
+        src.release()
+
+
+def _loaded_checks(ckpt: Checkpoint, result: VerifyResult, run: bool, ref, dynamic_int: bool) -> None:
+    """The checks that need the checkpoint loaded in transformers, on one load of it: the forward
+    ("it runs") and the evaluation against the source's reference; then quantkit's runtime, loaded
+    after transformers' copy and the reference are released."""
+    from quantkit.verify import eval_checks
+    from quantkit.verify.run_checks import check_forward, check_runtime, first_line, load_in_transformers
+
+    model, failure = load_in_transformers(ckpt)
+    if model is None:
+        if run:
+            result.error("run.load", f"does not load in transformers: {failure}")
+        if ref is not None:
+            eval_checks.report(result, None, "eval.load", f"the checkpoint does not load ({failure})")
+        return
+    ran = check_forward(ckpt, result, model) if run else None
+    scores, why = None, ""
+    if ref is not None:
+        try:
+            scores = eval_checks.measure(ref, model)
+        except Exception as e:  # noqa: BLE001 - the run checks report a failing forward as an error
+            why = f"a forward on the held-out windows fails ({first_line(e)})"
+    del model, ref
+    if ran is not None:
+        check_runtime(ckpt, result, *ran, dynamic_int_acts=dynamic_int)
+    if scores is not None or why:
+        eval_checks.report(result, scores, "eval.forward", why)

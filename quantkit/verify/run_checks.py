@@ -30,7 +30,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A checkpoint that loads bu
         "worst failure a quantization tool can have.")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
@@ -49,34 +49,42 @@ def _tokens(ckpt: Checkpoint) -> torch.Tensor:
     return torch.randint(1, max(2, vocab), (1, N_TOKENS), generator=g)
 
 
-def check_runs(ckpt: Checkpoint, result: VerifyResult, dynamic_int_acts: bool = False) -> None:
+def load_in_transformers(ckpt: Checkpoint):
+    """-> (model, None), or (None, the first line of why it does not load)."""
     from transformers import AutoModelForCausalLM
 
     # quant_method "quantkit" loads because importing quantkit registers it with transformers
-    ids = _tokens(ckpt)
-    declared = ckpt.declared_dtype
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype="auto").eval()
+            return AutoModelForCausalLM.from_pretrained(ckpt.path, dtype="auto").eval(), None
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-        result.error("run.load", f"does not load in transformers: {_first_line(e)}")
-        return
+        return None, first_line(e)
+
+
+def check_forward(ckpt: Checkpoint, result: VerifyResult, model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The loaded checkpoint's forward on a short input -> (ids, logits) when it gives finite logits."""
+    ids = _tokens(ckpt)
+    declared = ckpt.declared_dtype
     try:
         with torch.inference_mode():
             logits = model(ids).logits
     except Exception as e:  # noqa: BLE001
-        result.error("run.forward", f"loads in transformers but a forward fails: {_first_line(e)}")
-        return
-    finally:
-        del model
+        result.error("run.forward", f"loads in transformers but a forward fails: {first_line(e)}")
+        return None
     run: dict = {"tokens": int(ids.shape[1]), "logits_dtype": str(logits.dtype).removeprefix("torch.")}
     result.info["run"] = run
     if not torch.isfinite(logits).all():
         result.error("run.finite", f"transformers forward gives {int((~torch.isfinite(logits)).sum())} non-finite logits")
-        return
+        return None
     if declared and run["logits_dtype"] != declared:
         result.error("run.dtype", f"config declares {declared} but transformers runs it in {run['logits_dtype']}")
+    return ids, logits
+
+
+def check_runtime(ckpt: Checkpoint, result: VerifyResult, ids: torch.Tensor, logits: torch.Tensor,
+                  dynamic_int_acts: bool = False) -> None:
+    """quantkit's own runtime on the ids transformers gave `logits` for (compressed-tensors only)."""
     if ckpt.quant_method != "compressed-tensors":
         return
     from quantkit.export.ct_reader import load_ct_checkpoint
@@ -85,18 +93,19 @@ def check_runs(ckpt: Checkpoint, result: VerifyResult, dynamic_int_acts: bool = 
         ours = load_ct_checkpoint(ckpt.path, dtype=logits.dtype)
     except ModelLoadError as e:
         # a scheme quantkit's runtime does not implement is quantkit's gap, not the checkpoint's
-        result.warn("run.runtime", f"not compared with quantkit's runtime: {_first_line(e)}")
+        result.warn("run.runtime", f"not compared with quantkit's runtime: {first_line(e)}")
         return
     try:
         with torch.inference_mode():
             ours_logits = ours(ids).logits
     except Exception as e:  # noqa: BLE001
-        result.error("run.runtime", f"quantkit's runtime fails on it: {_first_line(e)}")
+        result.error("run.runtime", f"quantkit's runtime fails on it: {first_line(e)}")
         return
     ref, got = logits.float(), ours_logits.float()
     delta = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
     kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    run = result.info["run"]
     run.update(runtime_rel_max_diff=delta, runtime_kl=kl,
                runtime_top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()))
     if dynamic_int_acts:

@@ -15,6 +15,7 @@ import torch
 from quantkit.verify.checkpoint import Checkpoint
 from quantkit.verify.config_checks import Plan
 from quantkit.verify.result import VerifyResult
+from quantkit.verify.source_model import SourceModel
 
 # relative error above which a layer is wrong, not just coarse: round-to-nearest of a Gaussian row
 # gives about 0.1 at 4 bits and 0.01 at 8 bits; a transposed or mis-scaled layer gives ~1 or more
@@ -35,32 +36,11 @@ def _decompress(ckpt: Checkpoint, name: str, weights: dict, out: int, inp: int) 
     return get_format(qt.format).dequantize(qt, torch.float32)
 
 
-def _source_state(spec: str) -> dict[str, torch.Tensor]:
-    """The source's tensors by name: a model directory's safetensors as they are on disk (no
-    tokenizer or model class needed); GGUF files and hub ids through quantkit's loader."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from quantkit.models import load_model, resolve_model_path
-
-    target = Path(resolve_model_path(spec))
-    files = sorted(target.glob("*.safetensors")) if target.is_dir() else []
-    if files:
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(f))
-        return out
-    model, _ = load_model(spec, dtype="auto")
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-def check_source(ckpt: Checkpoint, result: VerifyResult, plan: Plan, source: str) -> None:
-    src = _source_state(source)
+def check_source(ckpt: Checkpoint, result: VerifyResult, plan: Plan, src: SourceModel) -> None:
     layers: dict[str, dict] = {}
     for name, gid in plan.quantized.items():
         mod, s = ckpt.modules[name], plan.schemes[gid]
-        w = src.get(f"{name}.weight")
+        w = src.tensor(f"{name}.weight")
         if w is None:
             result.warn("source.missing", "the source has no weight for this layer", name)
             continue
@@ -94,7 +74,7 @@ def check_source(ckpt: Checkpoint, result: VerifyResult, plan: Plan, source: str
     _unquantized(ckpt, result, plan, src)
     if layers:
         errs = [v["rel_err"] for v in layers.values()]
-        result.info["source"] = {"model": source, "layers": layers, "median_rel_err": statistics.median(errs),
+        result.info["source"] = {"model": src.spec, "layers": layers, "median_rel_err": statistics.median(errs),
                                  "max_rel_err": max(errs)}
 
 
@@ -109,15 +89,18 @@ def _outliers(result: VerifyResult, layers: dict[str, dict]) -> None:
                         f"{med:.3g} of its scheme", name)
 
 
-def _unquantized(ckpt: Checkpoint, result: VerifyResult, plan: Plan, src: dict[str, torch.Tensor]) -> None:
+def _unquantized(ckpt: Checkpoint, result: VerifyResult, plan: Plan, src: SourceModel) -> None:
     """Tensors stored dense should be the source's own, up to the checkpoint's dtype."""
     prefixes = tuple(n + "." for n in plan.quantized)
     changed = []
     for key, info in ckpt.tensors.items():
-        if key.startswith(prefixes) or key not in src or info.dtype not in ("F32", "BF16", "F16"):
+        if key.startswith(prefixes) or info.dtype not in ("F32", "BF16", "F16"):
+            continue
+        s = src.tensor(key)
+        if s is None:
             continue
         t = ckpt.get(key)
-        if t.shape != src[key].shape or not torch.equal(t, src[key].to(t.dtype)):
+        if t.shape != s.shape or not torch.equal(t, s.to(t.dtype)):
             changed.append(key)
     if changed:
         result.warn("source.dense", f"{len(changed)} unquantized tensor(s) differ from the source, e.g. {changed[0]} "

@@ -97,3 +97,32 @@ def test_cli_json_carries_the_eval_numbers(int8_ckpt, tiny_llama_dir):
     ev = json.loads(result.stdout)["report"]["info"]["eval"]
     assert ev["windows"] == 1 and ev["kl"] >= 0
     assert "held-out windows of 256 tokens: perplexity" in result.stderr
+
+
+def test_each_model_loads_once_and_never_beside_the_other(int8_ckpt, tiny_llama_dir, monkeypatch):
+    """--source with --eval-windows: the source and the checkpoint are each loaded by transformers
+    once (the layer comparison reads the source directory's tensors on demand, the evaluation and
+    the run checks share one load of the checkpoint), and the source is gone when the checkpoint loads."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained
+    loads: list[str] = []
+    alive: list[weakref.ref] = []
+
+    def counting(path, *args, **kwargs):
+        gc.collect()
+        loads.append(str(path))
+        if str(path) == str(int8_ckpt):
+            assert not [r for r in alive if r() is not None], "the source is still in memory"
+        model = original(path, *args, **kwargs)
+        if str(path) == str(tiny_llama_dir):
+            alive.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    r = verify_checkpoint(int8_ckpt, source=str(tiny_llama_dir), eval_windows=1)
+    assert r.ok and r.info["eval"]["windows"] == 1 and "runtime_kl" in r.info["run"] and r.info["source"]["layers"]
+    assert sorted(loads) == sorted([str(tiny_llama_dir), str(int8_ckpt)])
