@@ -10,6 +10,7 @@ The QTensor is kept in both modes so export writes the exact codes.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,11 @@ from torch import nn
 from quantkit.formats import get_format
 from quantkit.formats.base import QTensor
 from quantkit.nn.kernels import cuda as k_cuda
+from quantkit.nn.kernels import fp4_int4 as k_fp4_int4
 from quantkit.nn.kernels import int4 as k_int4
 from quantkit.nn.kernels import int8 as k_int8
 from quantkit.nn.kernels import tiled
-from quantkit.nn.kernels.select import Choice, Device, choose
+from quantkit.nn.kernels.select import FP4_DECODE_ENV, Choice, Device, choose
 
 # quantization parameters keep their stored dtype through model.to(dtype)/.half()/.float():
 # rounding an fp32 global scale or an E4M3 block scale to bf16 would change what the codes mean
@@ -84,7 +86,9 @@ class QLinear(nn.Module):
         self._choices: dict[tuple[torch.device, torch.dtype], Choice] = {}
         self._kcache: dict[str, torch.Tensor] = {}  # kernel-specific derived tensors, not in state_dict
         # "int4_cpu": weight_codes were converted in place to torch's CPU int4 layout on the first
-        # int4pack_mm forward (one resident copy); qweight and state_dict give the canonical codes back
+        # int4pack_mm forward (one resident copy); "fp4_int4x2": FP4 codes converted in place to the
+        # split INT4 layout (fp4_int4.py, twice the bytes). qweight and state_dict give the
+        # canonical codes back
         self._codes_layout = "canonical"
         # online Hadamard block size (the `rotate` pass): the weight was rotated offline, so every
         # input must be rotated too; written as a compressed-tensors transform_config
@@ -97,10 +101,13 @@ class QLinear(nn.Module):
         codes = self.weight_codes
         if self._codes_layout == "int4_cpu":
             codes = k_int4.unpack_from_cpu(codes, self.out_features, self.in_features)
+        elif self._codes_layout == "fp4_int4x2":
+            block = get_format(self.weight_format).block
+            codes = k_fp4_int4.unpack(codes, self.out_features, self.in_features, block)
         return QTensor(
             self.weight_format,
             codes,
-            self.weight_scale,
+            self.weight_scale.contiguous(),  # a view into torch's INT4 table after an int4pack_mm forward
             (self.out_features, self.in_features),
             self.weight_global_scale,
             dict(self.qmeta),
@@ -135,6 +142,9 @@ class QLinear(nn.Module):
             self.compute_dtype = probe.dtype
         self._choices.clear()
         self._kcache.clear()
+        scale = self._buffers.get("weight_scale")
+        if scale is not None and not scale.is_contiguous():  # a view of the dropped INT4 table
+            self._buffers["weight_scale"] = scale.contiguous()
         if self._dense is not None:
             self._dense = self.dequantized_weight(self.compute_dtype).to(probe.device)
         return self
@@ -151,7 +161,7 @@ class QLinear(nn.Module):
         if key not in self._choices:
             self._choices[key] = choose(self.weight_format, self.act_format, self.mode,
                                         (self.out_features, self.in_features), Device.of(device), dtype,
-                                        self.qmeta.get("group"))
+                                        self.qmeta.get("group"), os.environ.get(FP4_DECODE_ENV) == "int4x2")
         return self._choices[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,24 +197,53 @@ class QLinear(nn.Module):
                 self._buffers["weight_codes"] = k_int4.pack_for_cpu(self.weight_codes)
                 self._codes_layout = "int4_cpu"
             if key not in self._kcache:
-                self._kcache[key] = k_int4.scales_and_zeros(self.weight_scale, x.dtype)
+                self._kcache[key] = self._int4_table(x.dtype)
             return k_int4.int4_linear(x, self.weight_codes, group, self._kcache[key], self)
+        if kernel == "fp4_int4x2":
+            fmt = get_format(self.weight_format)
+            if self._codes_layout != "fp4_int4x2":  # converted once, in place (2x the packed bytes)
+                self._buffers["weight_codes"] = k_fp4_int4.pack(self.weight_codes, fmt.block)
+                self._codes_layout = "fp4_int4x2"
+            key = f"fp4x2_{x.dtype}"
+            if key not in self._kcache:
+                d = fmt.divisor(self.weight_scale, self.weight_global_scale)  # [out, nb] fp32
+                self._kcache[key] = k_fp4_int4.scales_and_zeros(d, x.dtype)
+            return k_fp4_int4.fp4_int4x2_linear(x, self.weight_codes, fmt.block, self._kcache[key], self)
         if kernel.startswith("scaled_mm_"):
             return k_cuda.fp4_scaled_mm(x, self, get_format(self.weight_format))
         if self.act_format is not None:  # fake_act_tiled
             x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
         return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale, fp32=kernel == "tiled_f32")
 
+    def _int4_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """torch's [groups, out, 2] scale-and-zero table; the scales are held once where possible.
+
+        When the stored scales already have the input dtype, weight_scale becomes a view of the
+        table's scale column (same bits), so the scales are not kept twice; only the kernel's zero
+        column is extra. Building the table per call instead cost 27-43% of a decode GEMV.
+        """
+        table = k_int4.scales_and_zeros(self.weight_scale, dtype)
+        if self.weight_scale.dtype == dtype:
+            self._buffers["weight_scale"] = table[..., 0].t().view(self.weight_scale.shape)
+        return table
+
     # state_dict and load_state_dict always speak canonical codes, whatever layout is resident
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._codes_layout == "int4_cpu" and prefix + "weight_codes" in destination:
+        if self._codes_layout != "canonical" and prefix + "weight_codes" in destination:
             destination[prefix + "weight_codes"] = self.qweight.codes
+        if prefix + "weight_scale" in destination and destination[prefix + "weight_scale"] is not None:
+            destination[prefix + "weight_scale"] = destination[prefix + "weight_scale"].contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight_codes" in state_dict and self._codes_layout != "canonical":
+            # the converted layout may have another shape (fp4_int4x2: twice the bytes)
+            self._buffers["weight_codes"] = self.qweight.codes
+            self._codes_layout = "canonical"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "weight_codes" in state_dict:
             self._codes_layout = "canonical"
+        self._kcache.clear()  # tables derived from the old scales
 
     def extra_repr(self) -> str:
         return (

@@ -1,6 +1,7 @@
-"""INT4 on torch's CPU kernel keeps its codes once (issue 15): the first int4pack_mm forward
-converts weight_codes in place to torch's layout; qweight, state_dict and the tiled prefill path
-get the canonical codes back bit for bit."""
+"""INT4 on torch's CPU kernel keeps its codes and scales once (issue 15): the first int4pack_mm
+forward converts weight_codes in place to torch's layout and makes weight_scale a view of torch's
+scale-and-zero table; qweight, state_dict and the tiled prefill path get the canonical codes and
+scales back bit for bit."""
 
 import pytest
 import torch
@@ -44,16 +45,22 @@ def test_decode_forward_keeps_one_copy_of_the_codes(shape):
     _, q = _q(shape)
     assert q.kernel_for(torch.bfloat16).for_rows(1) == "int4pack_mm"
     canonical = q.weight_codes.clone()
-    packed_bytes = q.qweight.nbytes
+    scales = q.weight_scale.clone()
+    code_bytes = canonical.numel() * canonical.element_size()
     bias_bytes = q.bias.numel() * q.bias.element_size()
     q(torch.randn(1, shape[1], dtype=torch.bfloat16))
     assert q._codes_layout == "int4_cpu" and "int4pack" not in q._kcache
     assert q.weight_codes.numel() == canonical.numel()  # converted in place, not beside the original
-    # resident: the packed codes and scales once, plus torch's [groups, out, 2] scale-and-zero table
+    # resident: the packed codes once, and the scales once, inside torch's [groups, out, 2]
+    # scale-and-zero table (weight_scale is a view of its scale column; the zeros are the only extra)
     sz = q._kcache["int4pack_torch.bfloat16"]
-    assert _tensor_bytes(q) == packed_bytes + bias_bytes + sz.numel() * sz.element_size()
+    assert q.weight_scale.untyped_storage().data_ptr() == sz.untyped_storage().data_ptr()
+    assert _tensor_bytes(q) == code_bytes + bias_bytes + sz.numel() * sz.element_size()
+    assert sz.numel() == 2 * scales.numel()
     assert torch.equal(q.qweight.codes, canonical)
+    assert torch.equal(q.qweight.scale, scales) and q.qweight.scale.is_contiguous()
     assert torch.equal(q.state_dict()["weight_codes"], canonical)
+    assert torch.equal(q.state_dict()["weight_scale"], scales)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -91,3 +98,26 @@ def test_checkpoint_written_after_a_forward_equals_one_written_before(tmp_path):
     after, _, _ = module_tensors("layer", q)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_model_to_after_a_forward_detaches_the_scales_from_the_dropped_table():
+    _, q = _q((80, 96))
+    scales = q.weight_scale.clone()
+    q(torch.randn(1, 96, dtype=torch.bfloat16))
+    q.to(torch.float32)  # drops kernel caches; the protected scales keep their dtype and bits
+    assert q.weight_scale.is_contiguous() and q.weight_scale.dtype == torch.bfloat16
+    assert torch.equal(q.weight_scale, scales)
+    q.to(torch.bfloat16)
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    _, fresh = _q((80, 96))
+    assert torch.equal(q(x), fresh(x))
+
+
+def test_load_state_dict_after_a_forward_updates_the_kernel_scales():
+    _, q = _q((80, 96))
+    lin2 = nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    other = quantize_linear(lin2, "int4", mode="real")
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    q(x)  # converts, builds the table from q's own scales
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(x), other(x))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.formats import get_format
+
 INT4_CPU_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
 INT4_CPU_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
 INT_MM_CUDA_MULTIPLE = 8  # torch._int_mm on CUDA: K and N multiples of 8
@@ -20,6 +22,10 @@ FP4_SCALED_MM_CAPABILITY = (10, 0)  # block-scaled FP4 MMA: Blackwell (sm_100) a
 # fp32 at 512 rows in bench/results/runtime.md) dequantizes tiles and multiplies in fp32; below it
 # torch's int8/int4 weight-only kernels (memory-bound GEMV) win. Crossover measured near 16-32 rows.
 FP32_PREFILL_ROWS = 16
+# opt-in FP4 W4A16 decode on torch's INT4 kernel (fp4_int4.py): "int4x2". Off by default: its
+# converted codes take twice the packed bytes, over the "packed size + one tile" memory budget
+FP4_DECODE_ENV = "QUANTKIT_FP4_DECODE"
+FP4_INT4X2_DTYPES = (torch.bfloat16, torch.float32)  # fp16's range could overflow the d/2 table
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,14 @@ def choose(
     device: Device,
     compute_dtype: torch.dtype,
     group: int | None = None,
+    fp4_int4x2: bool = False,
 ) -> Choice:
-    """The kernel for a QLinear of ``shape`` (out, in) whose inputs arrive in ``compute_dtype``."""
-    choice = _choose(weight_format, act_format, mode, shape, device, compute_dtype, group)
-    if choice.name in ("tiled_dequant", "int8pack_mm", "int4pack_mm", "fake_act_tiled"):
+    """The kernel for a QLinear of ``shape`` (out, in) whose inputs arrive in ``compute_dtype``.
+
+    fp4_int4x2: the user opted in (FP4_DECODE_ENV) to FP4 weight-only decode on the INT4 kernel.
+    """
+    choice = _choose(weight_format, act_format, mode, shape, device, compute_dtype, group, fp4_int4x2)
+    if choice.name in ("tiled_dequant", "int8pack_mm", "int4pack_mm", "fake_act_tiled", "fp4_int4x2"):
         return _with_fp32_prefill(choice, device, compute_dtype)
     return choice
 
@@ -112,6 +122,7 @@ def _choose(
     device: Device,
     compute_dtype: torch.dtype,
     group: int | None = None,
+    fp4_int4x2: bool = False,
 ) -> Choice:
     out_f, in_f = shape
     if mode == "fake":
@@ -152,6 +163,12 @@ def _choose(
         if out_f % INT4_CPU_N_MULTIPLE:
             return Choice("tiled_dequant", f"out_features {out_f} is not a multiple of {INT4_CPU_N_MULTIPLE}")
         return Choice("int4pack_mm", f"CPU: torch _weight_int4pack_mm_for_cpu, group {g}")
+    if fp4 and fp4_int4x2 and device.type == "cpu":
+        why = _int4x2_refusal(weight_format, out_f, compute_dtype)
+        if why is None:
+            return Choice("fp4_int4x2", f"{FP4_DECODE_ENV}=int4x2: E2M1 x 2 split into two INT4 halves, "
+                          "torch _weight_int4pack_mm_for_cpu over 2x the inputs (codes held at 2x the packed size)")
+        return Choice("tiled_dequant", f"{FP4_DECODE_ENV}=int4x2 refused: {why}; dequantized tile by tile")
     if fp4:
         return Choice(
             "tiled_dequant",
@@ -159,3 +176,15 @@ def _choose(
             "into one shared scratch buffer",
         )
     return Choice("tiled_dequant", f"{weight_format}: generic dequantize tile by tile")
+
+
+def _int4x2_refusal(weight_format: str, out_f: int, compute_dtype: torch.dtype) -> str | None:
+    """Why the int4x2 FP4 route cannot take this layer, or None."""
+    group = 2 * get_format(weight_format).block
+    if group not in INT4_CPU_GROUPS:
+        return f"block {group // 2} gives INT4 group {group}, not one of {INT4_CPU_GROUPS}"
+    if out_f % INT4_CPU_N_MULTIPLE:
+        return f"out_features {out_f} is not a multiple of {INT4_CPU_N_MULTIPLE}"
+    if compute_dtype not in FP4_INT4X2_DTYPES:
+        return f"{compute_dtype} inputs"
+    return None
