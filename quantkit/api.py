@@ -73,6 +73,7 @@ def apply(
     tokenizer=None,
     calib_batches=None,
     model_name: str | None = None,
+    loader: str | None = None,
     output: Path | None = None,
     force: bool = False,
     device: str = "cpu",
@@ -93,22 +94,34 @@ def apply(
 
     model: an nn.Module already in memory instead of a spec (whole-model execution; the tokenizer
     is optional). calib_batches: input_ids [b, s] tensors or dicts of forward kwargs that replace
-    the recipe's calib data. See docs/loaders.md.
+    the recipe's calib data. loader: a `--loader` spec (package.module:function or
+    path/to/file.py:function) that gives the model instead; it is called, with model_spec as its
+    argument when one is given, after the output checks. See docs/loaders.md.
     offload_dir: streaming keeps embeddings, head and calibration states memory-mapped from files
     there (None takes the recipe's; implies streaming). See docs/streaming.md.
     """
     from quantkit.export.shards import parse_size
     from quantkit.export.writer import output_layout
-    from quantkit.loaders import in_memory
+    from quantkit.loaders import from_loader, in_memory
     from quantkit.stream import plan
 
     started = time.perf_counter()
-    given, model_spec = in_memory(model_spec, model, tokenizer, calib_batches, model_name)
+    if loader is None:
+        given, model_spec = in_memory(model_spec, model, tokenizer, calib_batches, model_name)
+    elif model is not None or tokenizer is not None or calib_batches is not None:
+        raise QuantkitError("apply: loader= gives the model, tokenizer and calibration batches; "
+                            "model=, tokenizer= and calib_batches= do not go with it")
     saving = output is not None and recipe.output.save
     if saving and distributed.world()[0] == 0:
         check_output(Path(output), force)
     # decided before any weight loads: the layout the passes produce, and how they run
     layout = output_layout(recipe) if saving else None
+    loader_seconds = 0.0
+    if loader is not None:  # after the checks above, so a long load is never wasted on a refused output
+        t = time.perf_counter()
+        with progress(f"loader {loader}", 0):
+            given, model_spec = from_loader(loader, model_spec)
+        loader_seconds = time.perf_counter() - t
     max_shard = parse_size(max_shard_size if max_shard_size is not None else recipe.output.max_shard_size)
     requested = execution or recipe.execution
     model_dir = None
@@ -153,7 +166,7 @@ def apply(
         else:
             model, tokenizer, residency = _load(model_spec, model_dir, mode, dtype, dev, trust_remote_code,
                                                 offload_root)
-    seconds["load"] = time.perf_counter() - t
+    seconds["load"] = loader_seconds + time.perf_counter() - t
     report.device = str(dev)
     from quantkit.loaders import arch_for, evaluable
 

@@ -73,22 +73,9 @@ def apply(
             output = Path("out") / f"{stem}-{rec.name}"
         progress, factory = make_progress()
         with progress:
-            source = {}
-            if loader is not None:
-                from quantkit.export.writer import output_layout
-                from quantkit.io import check_output
-                from quantkit.loaders import call_loader
-
-                if rec.output.save:  # what apply checks first, before the loader's (maybe long) load
-                    check_output(output, force)
-                    output_layout(rec)
-                with factory(f"loader {loader}", 0):
-                    got = call_loader(loader, model)
-                source = dict(model=got.model, tokenizer=got.tokenizer, calib_batches=got.calib,
-                              model_name=f"loader:{loader}" + (f"({model})" if model else ""))
-            report = api.apply(rec, None if loader is not None else model, output=output, force=force, device=device,
-                               dtype=dtype, trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
-                               max_kl=max_kl, progress=factory, **source)
+            report = api.apply(rec, model, loader=loader, output=output, force=force, device=device, dtype=dtype,
+                               trust_remote_code=trust_remote_code, max_ppl_increase=max_ppl_increase,
+                               max_kl=max_kl, progress=factory)
         _print_summary(report)
         result.report = report.to_dict()
 

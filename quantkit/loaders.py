@@ -172,6 +172,15 @@ def call_loader(spec: str, model_arg: str | None = None) -> Loaded:
     return normalize(result, f"--loader {spec!r}")
 
 
+def from_loader(spec: str, model_arg: str | None) -> tuple[Loaded, str]:
+    """apply(loader=...): call the loader -> (what it gave, the name the report shows)."""
+    if model_arg is not None and not isinstance(model_arg, str):
+        raise QuantkitError(f"apply: with loader=, the model argument is passed to the loader as a string, "
+                            f"not a {type(model_arg).__name__}")
+    got = call_loader(spec, model_arg)
+    return got, f"loader:{spec}" + (f"({model_arg})" if model_arg else "")
+
+
 def normalize(result: Any, what: str) -> Loaded:
     """A loader's return value (module, tuple or dict) -> Loaded."""
     if isinstance(result, nn.Module):

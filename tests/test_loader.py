@@ -267,6 +267,34 @@ def test_bad_loader_spec_is_one_line_exit_2(tmp_path, vla_loader, spec, message)
     assert not out.exists()
 
 
+def test_output_checks_run_before_the_loader_in_the_cli_and_the_library(tmp_path):
+    """An output apply would refuse (exists, no --force) fails before the loader is called."""
+    marker = tmp_path / "called"
+    path = tmp_path / "marking_loader.py"
+    path.write_text(f"def load():\n    open({str(marker)!r}, 'w').close()\n    raise RuntimeError('loaded')\n")
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    line = one_line_error(run("apply", "int8-w8a16", "--loader", f"{path}:load", "-o", out, "--no-eval"))
+    assert line.startswith(f"error: output {out} exists") and not marker.exists()
+    with pytest.raises(QuantkitError, match="exists"):
+        apply(load_recipe("int8-w8a16", NO_EVAL), loader=f"{path}:load", output=out)
+    assert not marker.exists() and (out / "keep").read_text() == "x"
+    # and the loader does run when the output is free: its error is the one reported
+    line = one_line_error(run("apply", "int8-w8a16", "--loader", f"{path}:load", "-o", tmp_path / "new", "--no-eval"))
+    assert line == f"error: --loader '{path}:load': the loader raised RuntimeError: loaded" and marker.exists()
+
+
+def test_library_apply_takes_a_loader_spec_like_the_cli(tmp_path, vla_loader):
+    report = apply(load_recipe("int8-w8a16", NO_EVAL), "3", loader=f"{vla_loader}:load_seeded", output=None)
+    assert report.model == f"loader:{vla_loader}:load_seeded(3)"
+    mem = apply(load_recipe("int8-w8a16", NO_EVAL), model=TinyVLA(seed=3).eval(), output=None).model_obj
+    with torch.inference_mode():
+        assert torch.equal(report.model_obj(_ids()), mem(_ids()))
+    with pytest.raises(QuantkitError, match="loader= gives the model, tokenizer and calibration batches"):
+        apply(load_recipe("int8-w8a16", NO_EVAL), model=TinyVLA(), loader=f"{vla_loader}:load", output=None)
+
+
 def test_apply_without_model_or_loader_is_one_line(tmp_path):
     line = one_line_error(run("apply", "int8-w8a16", "-o", tmp_path / "o"))
     assert line == "error: apply needs a MODEL argument or --loader package.module:function"
