@@ -64,6 +64,9 @@ SCHEMES = {
     "W4A16 nvfp4": ("nvfp4", None),
     "W4A16 mxfp4": ("mxfp4", None),
 }
+# opt-in FP4 decode on torch's INT4 kernel (QUANTKIT_FP4_DECODE=int4x2; codes at 2x the packed size)
+OPT_IN_INT4X2 = {"W4A16 nvfp4 int4x2 (opt-in)": "nvfp4", "W4A16 mxfp4 int4x2 (opt-in)": "mxfp4"}
+W8A8_ONEDNN = "W8A8 onednn sign-split (probe)"
 GOALS = {  # scheme -> (prefill 512 rows, decode 1 row): required bf16_time / scheme_time
     "W8A8 int8": (1.5, 1 / 1.2),
     "W8A16 int8": (1.0, 1.0),
@@ -71,6 +74,9 @@ GOALS = {  # scheme -> (prefill 512 rows, decode 1 row): required bf16_time / sc
     "W4A16 int4 g128": (1.0, 1.0),
     "W4A16 nvfp4": (1 / 1.3, 1 / 1.3),
     "W4A16 mxfp4": (1 / 1.3, 1 / 1.3),
+    "W4A16 nvfp4 int4x2 (opt-in)": (1 / 1.3, 1 / 1.3),
+    "W4A16 mxfp4 int4x2 (opt-in)": (1 / 1.3, 1 / 1.3),
+    W8A8_ONEDNN: (1.5, 1 / 1.2),
 }
 SLOW_CALL_S = 3.0  # a competitor whose first call takes longer is timed in fewer rounds (noted)
 MIN_MEASURE_S = 0.01  # repeat tiny calls within one measurement so timer noise stays small
@@ -134,6 +140,48 @@ def _raw_int_mm(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, codes.t())
 
 
+def _int4x2(lin: nn.Linear, wf: str) -> QLinear:
+    """A real-mode FP4 QLinear whose kernel was chosen with QUANTKIT_FP4_DECODE=int4x2 set."""
+    from quantkit.nn.kernels.select import FP4_DECODE_ENV
+
+    q = quantize_linear(lin, wf, mode="real")
+    previous = os.environ.get(FP4_DECODE_ENV)
+    os.environ[FP4_DECODE_ENV] = "int4x2"
+    try:
+        q.kernel_for(lin.weight.dtype)  # the choice is cached per (device, dtype) on first use
+    finally:
+        if previous is None:
+            os.environ.pop(FP4_DECODE_ENV)
+        else:
+            os.environ[FP4_DECODE_ENV] = previous
+    return q
+
+
+def _w8a8_onednn(q: QLinear) -> Callable:
+    """W8A8 with exact int32 accumulation on oneDNN's u8 x s8 GEMM (not a quantkit route; a probe).
+
+    AVX2's u8 x s8 multiply-add saturates pair sums in int16 (a plain u8 with zero point 128 gave
+    wrong sums), so the signed activation codes go in as two non-negative rows, max(x, 0) <= 127
+    and max(-x, 0) <= 128, whose pair sums stay inside int16; acc = y_pos - y_neg. Same per-token
+    quantization and fp32 epilogue as quantkit's W8A8. Holds a prepacked copy of the int8 weight.
+    """
+    from quantkit.nn.kernels import int8 as k_int8
+
+    packed = torch.ops.onednn.qlinear_prepack(q.weight_codes, [2, q.in_features])
+    ones, zeros = torch.ones(q.out_features), torch.zeros(q.out_features, dtype=torch.long)
+    ws = k_int8.w8a8_scales(q.weight_scale, q.output_scale)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xq, xs = k_int8.act_codes(x, torch.int16)  # [T, in] exact integers in [-128, 127]
+        two = torch.cat([xq.clamp(min=0), (-xq).clamp_(min=0)]).to(torch.uint8)  # [2T, in]
+        y = torch.ops.onednn.qlinear_pointwise(two, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                               "none", [], "")
+        t = x.shape[0]
+        return k_int8.w8a8_epilogue(y[:t] - y[t:], xs, ws, q.bias, x.dtype)
+
+    return run
+
+
 def competitors(lin_bf16: nn.Linear) -> tuple[dict[str, Callable], dict[str, str]]:
     """name -> f(x bf16 [T, in]); plus name -> note (kernel chosen, or why a peer is missing)."""
     out_f, in_f = lin_bf16.weight.shape
@@ -150,6 +198,15 @@ def competitors(lin_bf16: nn.Linear) -> tuple[dict[str, Callable], dict[str, str
         notes[label] = q.kernel.name
         if label == "W8A8 int8":
             fns["raw torch._int_mm (codes only)"] = lambda x, codes=q.weight_codes: _raw_int_mm(x, codes)
+            try:
+                fns[W8A8_ONEDNN] = _w8a8_onednn(q)
+                notes[W8A8_ONEDNN] = "onednn.qlinear_pointwise"
+            except Exception as exc:  # noqa: BLE001 - a torch build without oneDNN
+                notes[W8A8_ONEDNN] = f"unavailable: {type(exc).__name__}: {exc}"[:160]
+    for label, wf in OPT_IN_INT4X2.items():
+        q = _int4x2(lin_bf16, wf)
+        fns[label] = q
+        notes[label] = q.kernel.label
     try:
         fns["bitsandbytes Linear8bitLt"] = _bnb(lin_bf16)
     except Exception as exc:  # noqa: BLE001 - a peer that can't run is reported, not fatal
@@ -200,10 +257,15 @@ def layer_rows(rounds: int, shapes: list, rows_list: tuple[int, ...]) -> list[di
                     times[k].append(_measure(fn, x, inner[k]))
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             bf16 = med["bf16 nn.Linear"]
+            checks = {}
+            if W8A8_ONEDNN in live:  # the probe must be the same W8A8 arithmetic, bit for bit
+                checks[f"{W8A8_ONEDNN} bitwise equal to W8A8 int8"] = torch.equal(live[W8A8_ONEDNN](x),
+                                                                                 live["W8A8 int8"](x))
             row = {"model": model, "layer": layer, "out": out_f, "in": in_f, "rows": rows,
                    "ms": {k: round(v, 4) for k, v in med.items()},
                    "speedup_vs_bf16": {k: round(bf16 / v, 3) for k, v in med.items()},
-                   "rounds": {k: len(v) for k, v in times.items()}, "kernels": notes, "errors": errors}
+                   "rounds": {k: len(v) for k, v in times.items()}, "kernels": notes, "errors": errors,
+                   "checks": checks}
             out.append(row)
             print(f"  {model} {layer} {out_f}x{in_f} rows={rows}: bf16 {bf16:.3f} ms; "
                   + ", ".join(f"{k} {v:.3f}" for k, v in med.items() if k != "bf16 nn.Linear"), flush=True)
@@ -269,7 +331,13 @@ def memory_child(label: str) -> dict:
 
     torch.set_num_threads(1)
     dense, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
-    spec = None if label == "bf16" else SCHEMES[label]
+    if label in OPT_IN_INT4X2:
+        from quantkit.nn.kernels.select import FP4_DECODE_ENV
+
+        os.environ[FP4_DECODE_ENV] = "int4x2"  # this child process only
+        spec = (OPT_IN_INT4X2[label], None)
+    else:
+        spec = None if label == "bf16" else SCHEMES[label]
     dense_linear_bytes = 0
     if spec is not None:
         names = {n for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
@@ -438,6 +506,10 @@ def markdown(res: dict) -> str:
             out.append(f"| {r['model']} {r['layer']} {r['out']}x{r['in']} | {r['rows']} | " + " | ".join(cells) + " |")
         kernels = {k: v for r in res["layers"] for k, v in r["kernels"].items()}
         out += ["", "Kernels / peer weight types: " + "; ".join(f"{k}: `{v}`" for k, v in kernels.items()), ""]
+        checks = [f"{r['model']} {r['layer']} x{r['rows']}: {k} {'yes' if v else 'NO'}"
+                  for r in res["layers"] for k, v in r.get("checks", {}).items()]
+        if checks:
+            out += ["Checks: " + "; ".join(checks), ""]
         errs = {k: v for r in res["layers"] for k, v in r["errors"].items()}
         if errs:
             out += ["Errors: " + "; ".join(f"{k}: {v}" for k, v in errs.items()), ""]
@@ -520,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["e2e"] = e2e_rows(args.windows, e2e)
     if not args.skip_memory:
         print("memory", flush=True)
-        res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"])
+        res["memory"] = memory_rows([k for k in SCHEMES if k != "W4A16 int4 g128"] + list(OPT_IN_INT4X2))
     if not args.skip_compile:
         print("compile", flush=True)
         res["compile"] = compile_rows(args.rounds, res["provenance"])
