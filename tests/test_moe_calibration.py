@@ -116,3 +116,46 @@ def test_expert_routed_to_nobody_gets_finite_positive_input_scales_in_the_checkp
         # gate/up read the hidden states, the same tensor for every expert: with every token sent
         # through every expert, the never-routed expert's scale is measured, equal to the others'
         assert all(scales[k] == seen[k] for k in gate_up)
+
+
+# --- all-expert statistics only when a later pass reads them (provides/requires) ---------------------
+
+
+def test_only_a_static_activation_pass_that_may_take_experts_requires_expert_statistics():
+    from quantkit.passes.quantize import Quantize
+    from quantkit.targets import Targets
+
+    assert "expert_stats" in Quantize(format="nvfp4", act_format="nvfp4").requirements()
+    assert "expert_stats" in Quantize(format="nvfp4", act_format="nvfp4",
+                                      targets=Targets(roles=["experts"])).requirements()
+    attention = Quantize(format="nvfp4", act_format="nvfp4", targets=Targets(roles=["q", "k", "v", "o"]))
+    assert attention.requirements() == {"act_stats"}
+    assert "expert_stats" not in Quantize(format="nvfp4").requirements()  # weight-only
+    assert "expert_stats" not in Quantize(format="mxfp4", act_format="mxfp4").requirements()  # dynamic
+
+
+@pytest.mark.parametrize(("overrides", "gathers"), [
+    ([], True),  # W4A4 on every expert: the calibrate pass gathers them once, quantize reads them
+    (["passes.1.targets.roles=[q, k, v, o]"], False),  # static activations on attention only
+    (["passes.1.act_format=null", "passes.0.collect_stats=true"], False),  # linear statistics, no static pass
+])
+def test_calibrate_gathers_expert_statistics_only_when_a_later_pass_reads_them(
+        tiny_mixtral_dir, monkeypatch, overrides, gathers):
+    import quantkit.nn.expert_stats as es
+    from quantkit.api import apply
+    from quantkit.recipe import load_recipe
+
+    original, walked = es.expert_statistics, []
+
+    def counting(root, *args, **kwargs):
+        walked.append(kwargs.get("prefix", args[1] if len(args) > 1 else ""))
+        return original(root, *args, **kwargs)
+
+    monkeypatch.setattr(es, "expert_statistics", counting)
+    recipe = load_recipe("nvfp4-w4a4", ["calib.seq_len=32", "calib.n_samples=2", "eval.enabled=false", *overrides])
+    report = apply(recipe, str(tiny_mixtral_dir), output=None, execution="whole")
+    assert walked == (["model.layers.0", "model.layers.1"] if gathers else [])
+    calib = report.details["calibrate"]
+    assert calib["linears"] > 0  # the linears' statistics are gathered either way
+    assert ("experts_modules" in calib) is gathers
+    assert ("expert_tokens" in report.details) is gathers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import ClassVar, Literal
 
 import torch
@@ -34,7 +35,10 @@ class Calibrate(Pass):
 
     name: ClassVar[str] = "calibrate"
     summary: ClassVar[str] = "load the calibration buffer; record each linear's input amax"
-    provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats"})
+    # expert_stats: per-expert input amax of fused MoE experts (nn/expert_stats.py), gathered only
+    # when a later pass asks for it (a static activation format on the experts); "auto" or not,
+    # every expert's forward for statistics costs a block's MLP once per expert
+    provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats", "expert_stats"})
     execution: ClassVar[str] = "block"
 
     # "auto": run the calibration forwards only when a later pass needs activation statistics
@@ -57,7 +61,9 @@ class Calibrate(Pass):
         given = getattr(ctx, "given_calib", None)  # a --loader's batches replace the recipe's calib data
         ctx.calib = given if given is not None else load_calib_config(ctx.tokenizer, cfg)
         ctx.batch_size = cfg.batch_size
-        ctx.scratch[self.name] = {"collect": self._collect(ctx), "linears": 0}
+        collect = self._collect(ctx)
+        ctx.scratch[self.name] = {"collect": collect, "experts": collect and "expert_stats" in ctx.needed,
+                                  "linears": 0}
         if ctx.scratch[self.name]["collect"]:
             ctx.stats.setdefault("act_amax", {})
             ctx.stats.setdefault("act_col_amax", {})
@@ -84,8 +90,10 @@ class Calibrate(Pass):
                    for n, m in blk.module.named_modules() if is_linear(m)]
         from quantkit.nn.expert_stats import expert_statistics
 
+        gather = ctx.scratch[self.name]["experts"]
         try:
-            with expert_statistics(blk.module, self.moe_calibrate_all_experts, blk.prefix) as experts:
+            with (expert_statistics(blk.module, self.moe_calibrate_all_experts, blk.prefix) if gather
+                  else nullcontext({})) as experts:
                 blk.forward()
         finally:
             for h in handles:

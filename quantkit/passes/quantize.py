@@ -82,6 +82,8 @@ class Quantize(Pass):
             needs.add("calib")  # the weighting comes from the blocks' calibration inputs
         if self.act_format is not None and get_format(self.act_format).activation_global_scale(torch.ones(1)) is not None:
             needs.add("act_stats")  # static activation global scale comes from calibration
+            if not self.targets.roles or "experts" in self.targets.roles:
+                needs.add("expert_stats")  # and, for fused MoE experts, one per expert (nn/expert_stats.py)
         return frozenset(needs)
 
     def _global_scales(self, model: nn.Module, ctx, names: list[str]) -> dict[str, torch.Tensor]:

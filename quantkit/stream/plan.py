@@ -26,7 +26,7 @@ def available_memory() -> int:
 
 
 # facts of passes that only observe the model (they leave every weight as it is)
-OBSERVING_FACTS = frozenset({"calib", "act_stats"})
+OBSERVING_FACTS = frozenset({"calib", "act_stats", "expert_stats"})
 
 
 def changes_weights(p) -> bool:

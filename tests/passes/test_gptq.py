@@ -98,7 +98,7 @@ def test_pass_output_is_closer_to_the_original_than_round_to_nearest():
 
 
 def test_w4a4_requires_calibrated_activation_stats():
-    assert Gptq(format="nvfp4", act_format="nvfp4").requirements() == {"calib", "act_stats"}
+    assert Gptq(format="nvfp4", act_format="nvfp4").requirements() == {"calib", "act_stats", "expert_stats"}
     assert Gptq(format="mxfp4", act_format="mxfp4").requirements() == {"calib"}  # dynamic activations
 
 
