@@ -46,46 +46,25 @@ DIMS = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=16, num_
 
 def write_moe(out: Path) -> Path:
     """The 1B-shaped Mixtral checkpoint; peak memory is one tensor (reuses an existing one)."""
-    from transformers import AutoTokenizer, MixtralConfig
+    from transformers import MixtralConfig
 
-    from bench.synth import VOCAB, _pool, _tensor
-    from quantkit.export.shards import ShardWriter, finalize
-    from quantkit.models import default_model_dir
+    from bench.synth import VOCAB, attention_tensors, write_synthetic
 
     if (out / "config.json").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
     config = MixtralConfig(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
                            dtype="bfloat16", **DIMS)
     h, i, n, e = DIMS["hidden_size"], DIMS["intermediate_size"], DIMS["num_hidden_layers"], DIMS["num_local_experts"]
     kv = h // DIMS["num_attention_heads"] * DIMS["num_key_value_heads"]
-    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, h))]
+    blocks: list[tuple[str, tuple[int, ...]]] = []
     for layer in range(n):
         p = f"model.layers.{layer}."
-        tensors += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                    (p + "block_sparse_moe.gate.weight", (e, h))]
+        blocks += attention_tensors(p, h, kv) + [(p + "block_sparse_moe.gate.weight", (e, h))]
         for x in range(e):
             q = f"{p}block_sparse_moe.experts.{x}."
-            tensors += [(q + "w1.weight", (i, h)), (q + "w3.weight", (i, h)), (q + "w2.weight", (h, i))]
-    tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
-    writer = ShardWriter(out, 2 * 1000**3)
-    pool = _pool()
-    params = 0
-    for name, shp in tensors:
-        t = torch.ones(shp, dtype=torch.bfloat16) if name.endswith("norm.weight") else _tensor(pool, name, shp)
-        params += t.numel()
-        writer.add(name, t)
-        del t
-    shards = writer.close()
-    finalize(out, shards, writer.total_bytes)
-    config.save_pretrained(out)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
-    (out / "SYNTHETIC.json").write_text(json.dumps({"shape": "mixtral-1b-8e", "dims": DIMS, "vocab": VOCAB,
-                                                    "parameters": params,
-                                                    "weights": "bench/synth.py pool windows at sha256(name) offsets"},
-                                                   indent=2) + "\n")
+            blocks += [(q + "w1.weight", (i, h)), (q + "w3.weight", (i, h)), (q + "w2.weight", (h, i))]
+    write_synthetic(out, config, blocks, {"shape": "mixtral-1b-8e", "dims": DIMS, "vocab": VOCAB, "parameters": None,
+                                          "weights": "bench/synth.py pool windows at sha256(name) offsets"})
     return out
 
 

@@ -51,42 +51,63 @@ def _tensor(pool: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tens
     return flat.reshape(shape).clone()
 
 
-def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig
+def attention_tensors(prefix: str, hidden: int, kv: int) -> list[tuple[str, tuple[int, ...]]]:
+    """One Llama-style block's norms and q/k/v/o projections (names and shapes) under `prefix`."""
+    return [(prefix + "input_layernorm.weight", (hidden,)), (prefix + "post_attention_layernorm.weight", (hidden,)),
+            (prefix + "self_attn.q_proj.weight", (hidden, hidden)), (prefix + "self_attn.k_proj.weight", (kv, hidden)),
+            (prefix + "self_attn.v_proj.weight", (kv, hidden)), (prefix + "self_attn.o_proj.weight", (hidden, hidden))]
+
+
+def write_synthetic(out: Path, config, blocks: list[tuple[str, tuple[int, ...]]], synthetic: dict,
+                    max_shard_bytes: int = 2 * 1000**3) -> int:
+    """Write a checkpoint: the embeddings, `blocks` (names and shapes), the final norm and the head,
+    each a pool window (norms: ones), one tensor in memory at a time; then the config, SmolLM2's
+    tokenizer and SYNTHETIC.json (`synthetic`, with `parameters` filled in when the key is given).
+    -> the number of parameters written."""
+    from transformers import AutoTokenizer
 
     from quantkit.models import default_model_dir
 
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    dims = SHAPES[shape]
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
-                         dtype="bfloat16", **dims)
-    h, i, n = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
-    kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
-    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, h))]
-    for layer in range(n):
-        p = f"model.layers.{layer}."
-        tensors += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                    (p + "mlp.down_proj.weight", (h, i))]
-    tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
+    hidden = config.hidden_size
+    tensors = [("model.embed_tokens.weight", (VOCAB, hidden)), *blocks,
+               ("model.norm.weight", (hidden,)), ("lm_head.weight", (VOCAB, hidden))]
     writer = ShardWriter(out, max_shard_bytes)
     pool = _pool()
+    params = 0
     for name, shp in tensors:
-        if name.endswith("norm.weight"):
-            t = torch.ones(shp, dtype=torch.bfloat16)
-        else:
-            t = _tensor(pool, name, shp)
+        t = torch.ones(shp, dtype=torch.bfloat16) if name.endswith("norm.weight") else _tensor(pool, name, shp)
+        params += t.numel()
         writer.add(name, t)
         del t
     shards = writer.close()
     finalize(out, shards, writer.total_bytes)
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
-    (out / "SYNTHETIC.json").write_text(json.dumps({"shape": shape, "dims": dims, "vocab": VOCAB, "std": STD,
-                                                    "weights": "windows of one seeded normal pool at sha256(name) offsets"}, indent=2) + "\n")
+    if "parameters" in synthetic:
+        synthetic = {**synthetic, "parameters": params}
+    (out / "SYNTHETIC.json").write_text(json.dumps(synthetic, indent=2) + "\n")
+    return params
+
+
+def write_llama(shape: str, out: Path, max_shard_bytes: int = 2 * 1000**3) -> Path:
+    from transformers import LlamaConfig
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    dims = SHAPES[shape]
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
+                         dtype="bfloat16", **dims)
+    h, i, n = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
+    kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    blocks: list[tuple[str, tuple[int, ...]]] = []
+    for layer in range(n):
+        p = f"model.layers.{layer}."
+        blocks += attention_tensors(p, h, kv)
+        blocks += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                   (p + "mlp.down_proj.weight", (h, i))]
+    write_synthetic(out, config, blocks, {"shape": shape, "dims": dims, "vocab": VOCAB, "std": STD,
+                                          "weights": "windows of one seeded normal pool at sha256(name) offsets"},
+                    max_shard_bytes)
     return out
