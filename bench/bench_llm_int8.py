@@ -32,6 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.carry import carry_sections, run_record  # noqa: E402
 from bench.provenance import provenance, provenance_markdown  # noqa: E402
 from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import load_calib
@@ -250,22 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["perplexity"] = perplexity_rows(args.windows, args.calib_samples)
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["loadavg_end"] = os.getloadavg()
-    this_run = {"commit": prov["commit"], "command": prov["command"], "loadavg_start": prov["machine"]["loadavg_start"],
-                "loadavg_end": result["loadavg_end"]}
-    result["section_runs"] = {k: this_run for k in ("latency", "perplexity") if k in result}
-    previous = RESULTS / f"{NAME}.json"
-    if previous.exists():  # a skipped section keeps its last measured rows, and which run measured them
-        old = json.loads(previous.read_text())
-        for key in ("latency", "perplexity"):
-            if key not in result and key in old:
-                result[key] = old[key]
-                result["section_runs"][key] = old.get("section_runs", {}).get(key) or {
-                    "commit": "unknown", "command": "unknown: written before results recorded their provenance",
-                    "machine": old.get("machine")}
-                if key == "latency":
-                    result["threads"], result["reps"] = old.get("threads"), old.get("reps")
-                else:
-                    result["windows"], result["calib_samples"] = old.get("windows"), old.get("calib_samples")
+    # a skipped section keeps its last measured rows, which run measured them, and its settings
+    carry_sections(result, RESULTS / f"{NAME}.json",
+                   {"latency": ("threads", "reps"), "perplexity": ("windows", "calib_samples")},
+                   run_record(prov, result["loadavg_end"]))
     (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{NAME}.md").write_text(_markdown(result))
     return result
