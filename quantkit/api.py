@@ -369,6 +369,30 @@ def _gates(report: Report, max_ppl_increase: float | None, max_kl: float | None)
         raise err
 
 
+def load_for_eval(model_spec: str, runtime: str = "transformers", *, device: str = "cpu", dtype: str = "auto",
+                  trust_remote_code: bool = False):
+    """(model, tokenizer) as `quantkit eval` scores it: runtime "transformers" (its loader,
+    decompressing a quantized checkpoint) or "quantkit" (a compressed-tensors checkpoint read into
+    quantkit's real-quant modules: the codes on disk, packed in memory)."""
+    import quantkit.hf_integration  # noqa: F401  (quantkit-layout checkpoints load after this import)
+
+    if runtime == "transformers":
+        return load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if runtime != "quantkit":
+        raise QuantkitError(f"unknown runtime {runtime!r}; known: transformers, quantkit")
+    from transformers import AutoTokenizer
+
+    from quantkit.export.ct_reader import load_ct_checkpoint
+    from quantkit.models import resolve_dtype
+
+    target = Path(model_spec)
+    if not (target / "config.json").exists():
+        raise QuantkitError(f"--runtime quantkit needs a checkpoint directory; {model_spec} is not one")
+    want = resolve_dtype(dtype)
+    model = load_ct_checkpoint(target, torch.bfloat16 if want == "auto" else want).to(resolve_device(device))
+    return model, AutoTokenizer.from_pretrained(target)
+
+
 @torch.inference_mode()
 def evaluate(
     model_spec: str,
@@ -389,25 +413,9 @@ def evaluate(
     runtime "quantkit" reads a compressed-tensors checkpoint into quantkit's real-quant modules
     (the codes on disk, packed in memory) instead of transformers' decompressing loader.
     """
-    import quantkit.hf_integration  # noqa: F401  (quantkit-layout checkpoints load after this import)
-
     with progress("load model", 0):
-        if runtime == "quantkit":
-            from transformers import AutoTokenizer
-
-            from quantkit.export.ct_reader import load_ct_checkpoint
-            from quantkit.models import resolve_dtype
-
-            target = Path(model_spec)
-            if not (target / "config.json").exists():
-                raise QuantkitError(f"--runtime quantkit needs a checkpoint directory; {model_spec} is not one")
-            want = resolve_dtype(dtype)
-            model = load_ct_checkpoint(target, torch.bfloat16 if want == "auto" else want).to(resolve_device(device))
-            tok = AutoTokenizer.from_pretrained(target)
-        elif runtime == "transformers":
-            model, tok = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        else:
-            raise QuantkitError(f"unknown runtime {runtime!r}; known: transformers, quantkit")
+        model, tok = load_for_eval(model_spec, runtime, device=device, dtype=dtype,
+                                   trust_remote_code=trust_remote_code)
     check_context_length(model, seq_len, "evaluation")
     result: dict = {"model": model_spec, "runtime": runtime, "data": data, "seq_len": seq_len}
     n = len(eval_windows(model, tok, source=data, seq_len=seq_len, max_windows=max_windows))

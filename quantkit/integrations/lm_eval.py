@@ -35,30 +35,6 @@ def _lm_eval_logs_quiet():
         log.setLevel(level)
 
 
-def _load(model_spec: str, runtime: str, device: str, dtype: str, trust_remote_code: bool):
-    """(model, tokenizer) in the requested runtime (as `quantkit eval` loads for perplexity)."""
-    import torch
-
-    from quantkit.models import load_model, resolve_device, resolve_dtype
-
-    if runtime == "transformers":
-        import quantkit.hf_integration  # noqa: F401  (quantkit-layout checkpoints load after this import)
-
-        return load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if runtime == "quantkit":
-        from transformers import AutoTokenizer
-
-        from quantkit.export.ct_reader import load_ct_checkpoint
-
-        target = Path(model_spec)
-        if not (target / "config.json").exists():
-            raise QuantkitError(f"--runtime quantkit needs a checkpoint directory; {model_spec} is not one")
-        want = resolve_dtype(dtype)
-        model = load_ct_checkpoint(target, torch.bfloat16 if want == "auto" else want).to(resolve_device(device))
-        return model, AutoTokenizer.from_pretrained(target)
-    raise QuantkitError(f"unknown runtime {runtime!r}; known: transformers, quantkit")
-
-
 def _metrics(task_result: dict) -> dict:
     """lm-eval's "acc,none" keys -> "acc" (the unfiltered metric), numbers only."""
     out = {}
@@ -121,7 +97,10 @@ def run_tasks(
             hint = "" if include_paths else " (a local task needs --task-dir FOLDER)"
             raise LmEvalError(f"unknown lm-eval task {unknown[0]!r}{hint}")
         with progress("load model", 0):
-            model, tok = _load(model_spec, runtime, device, dtype, trust_remote_code)
+            from quantkit.api import load_for_eval  # the loading `quantkit eval` scores
+
+            model, tok = load_for_eval(model_spec, runtime, device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
         model.eval()
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
         with progress(f"lm-eval: {', '.join(names)}", 0):
