@@ -5,11 +5,11 @@ Reads only scales (1/16 of the weights at most), never the packed weights themse
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
+from quantkit.threads import single_thread
 from quantkit.verify.checkpoint import Checkpoint
 from quantkit.verify.config_checks import Plan
 from quantkit.verify.result import VerifyResult
@@ -48,20 +48,10 @@ def _expected(s: Scheme, fmt: str, out: int, inp: int) -> dict[str, tuple[tuple[
     return t
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Per-layer scale tensors are small: torch's intra-op thread pool costs more than it saves,
-    most of all on a loaded machine (measured 100x slower with 2 threads at load average 12)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def check_tensors(ckpt: Checkpoint, result: VerifyResult, plan: Plan) -> None:
-    with _one_thread():
+    # per-layer scale tensors are small: torch's intra-op thread pool costs more than it saves, most
+    # of all on a loaded machine (measured 100x slower with 2 threads at load average 12)
+    with single_thread():
         _check_tensors(ckpt, result, plan)
 
 
