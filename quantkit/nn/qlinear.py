@@ -10,7 +10,6 @@ The QTensor is kept in both modes so export writes the exact codes.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +20,10 @@ from quantkit.formats.base import QTensor
 from quantkit.nn.kernels import cuda as k_cuda
 from quantkit.nn.kernels import fp4_int4 as k_fp4_int4
 from quantkit.nn.kernels import int4 as k_int4
+from quantkit.nn.kernels import int4_tiled
 from quantkit.nn.kernels import int8 as k_int8
 from quantkit.nn.kernels import tiled
-from quantkit.nn.kernels.select import FP4_DECODE_ENV, Choice, Device, choose
+from quantkit.nn.kernels.select import Choice, Device, choose
 
 # quantization parameters keep their stored dtype through model.to(dtype)/.half()/.float():
 # rounding an fp32 global scale or an E4M3 block scale to bf16 would change what the codes mean
@@ -161,7 +161,7 @@ class QLinear(nn.Module):
         if key not in self._choices:
             self._choices[key] = choose(self.weight_format, self.act_format, self.mode,
                                         (self.out_features, self.in_features), Device.of(device), dtype,
-                                        self.qmeta.get("group"), os.environ.get(FP4_DECODE_ENV) == "int4x2")
+                                        self.qmeta.get("group"))  # FP4_DECODE_ENV read by choose
         return self._choices[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,9 +211,24 @@ class QLinear(nn.Module):
             return k_fp4_int4.fp4_int4x2_linear(x, self.weight_codes, fmt.block, self._kcache[key], self)
         if kernel.startswith("scaled_mm_"):
             return k_cuda.fp4_scaled_mm(x, self, get_format(self.weight_format))
+        if kernel == "tiled_f32" and self._codes_layout != "canonical":
+            return self._tiled_from_int4_layout(x)
         if self.act_format is not None:  # fake_act_tiled
             x = get_format(self.act_format).fake_activation(x, self.input_global_scale)
         return tiled.tiled_linear(x, self.qweight, self.bias, self.output_scale, fp32=kernel == "tiled_f32")
+
+    def _tiled_from_int4_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 prefill decoding tiles straight from the converted INT4 / FP4 int4x2 codes."""
+        shape = (self.out_features, self.in_features)
+        if self._codes_layout == "int4_cpu":
+            group = self.qmeta.get("group") or self.in_features
+            scale = self.weight_scale.reshape(self.out_features, -1).float()  # [out, in/group]
+            return int4_tiled.int4_layout_linear(x, self.weight_codes, shape, group, scale, False, self.bias,
+                                                 self.output_scale)
+        fmt = get_format(self.weight_format)
+        half_d = fmt.divisor(self.weight_scale, self.weight_global_scale) * 0.5  # [out, nb] fp32, exact halving
+        return int4_tiled.int4_layout_linear(x, self.weight_codes, shape, fmt.block, half_d, True, self.bias,
+                                             self.output_scale)
 
     def _int4_table(self, dtype: torch.dtype) -> torch.Tensor:
         """torch's [groups, out, 2] scale-and-zero table; the scales are held once where possible.

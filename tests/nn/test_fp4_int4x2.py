@@ -5,6 +5,7 @@ codes give the canonical ones back for export, state_dict and the tiled prefill 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quantkit.formats import e2m1
 from quantkit.nn.kernels import Device, choose
@@ -108,9 +109,13 @@ def test_load_state_dict_after_conversion_takes_canonical_codes(opt_in):
     assert torch.equal(q(x), other(x))  # converts again, with the loaded scales
 
 
-def test_int4x2_is_opt_in_and_refuses_what_the_kernel_cannot_take():
+def test_int4x2_is_opt_in_and_refuses_what_the_kernel_cannot_take(monkeypatch):
     bf16 = torch.bfloat16
+    monkeypatch.delenv(FP4_DECODE_ENV, raising=False)
     assert choose("nvfp4", None, "real", (576, 576), AVX2, bf16).name == "tiled_dequant"  # default
+    monkeypatch.setenv(FP4_DECODE_ENV, "int4x2")  # what QLinear and `quantkit inspect` read
+    assert choose("nvfp4", None, "real", (576, 576), AVX2, bf16).name == "fp4_int4x2"
+    assert choose("nvfp4", None, "real", (576, 576), AVX2, bf16, fp4_int4x2=False).name == "tiled_dequant"
     c = choose("nvfp4", None, "real", (576, 576), AVX2, bf16, fp4_int4x2=True)
     assert (c.name, c.for_rows(1), c.for_rows(512)) == ("fp4_int4x2", "fp4_int4x2", "tiled_f32")
     assert choose("mxfp4", None, "real", (576, 576), AVX2, torch.float32, fp4_int4x2=True).name == "fp4_int4x2"
@@ -124,7 +129,8 @@ def test_int4x2_is_opt_in_and_refuses_what_the_kernel_cannot_take():
     assert "refused" in refused[0].reason and "refused" in refused[1].reason
 
 
-def test_module_without_opt_in_keeps_canonical_codes():
+def test_module_without_opt_in_keeps_canonical_codes(monkeypatch):
+    monkeypatch.delenv(FP4_DECODE_ENV, raising=False)
     q = quantize_linear(_layer((80, 96)), "nvfp4", mode="real")
     q(torch.randn(1, 96, dtype=torch.bfloat16))
     assert q._codes_layout == "canonical" and q.kernel.name == "tiled_dequant"
@@ -139,3 +145,26 @@ def test_int4x2_layer_holds_no_dense_weight(opt_in):
     # codes: 1 byte per weight; table: (d/2, 0) in bf16 per 16-element block; E4M3 scales kept for export
     assert held == 576 * 576 * (1 + 4 / 16 + 1 / 16) + 4
     assert held < 576 * 576 * 2  # under the bf16 weight, over the packed one (hence opt-in)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4"])
+def test_prefill_tiles_decoded_from_the_int4_layout_are_the_reference_rows(name, opt_in, monkeypatch):
+    # after a decode forward converted the codes, prefill decodes 64-row tiles straight from torch's
+    # layout (int4_tiled); 208 rows: three full tiles and a 16-row tail (a partial kernel block)
+    from quantkit.nn.kernels import int4_tiled, tiled
+
+    monkeypatch.setattr(tiled, "TILE_BYTES", 64 * 2 * 160)
+    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 1)
+    shape = (208, 160)
+    lin = _layer(shape)
+    q = quantize_linear(lin, name, mode="real")
+    q(torch.randn(1, shape[1], dtype=torch.bfloat16))  # converts in place
+    assert q._codes_layout in ("int4_cpu", "fp4_int4x2")
+    calls = []
+    monkeypatch.setattr(int4_tiled, "_tile_values", lambda *a, f=int4_tiled._tile_values: calls.append(1) or f(*a))
+    x = torch.randn(40, shape[1], dtype=torch.bfloat16)
+    y = q(x)
+    assert len(calls) == 4  # the tiled path from the int4 layout ran, tile by tile
+    w_ref = q.dequantized_weight(torch.bfloat16).float()
+    ref = torch.cat([F.linear(x.float(), w_ref[r0 : r0 + 64]) for r0 in range(0, 208, 64)], dim=1)
+    assert torch.equal(y, (ref + lin.bias.float()).to(torch.bfloat16))

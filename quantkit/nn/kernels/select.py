@@ -7,6 +7,7 @@ capabilities come in as a plain ``Device`` record, never queried inside ``choose
 from __future__ import annotations
 
 import functools
+import os
 
 from dataclasses import dataclass
 
@@ -102,12 +103,15 @@ def choose(
     device: Device,
     compute_dtype: torch.dtype,
     group: int | None = None,
-    fp4_int4x2: bool = False,
+    fp4_int4x2: bool | None = None,
 ) -> Choice:
     """The kernel for a QLinear of ``shape`` (out, in) whose inputs arrive in ``compute_dtype``.
 
-    fp4_int4x2: the user opted in (FP4_DECODE_ENV) to FP4 weight-only decode on the INT4 kernel.
+    fp4_int4x2: FP4 weight-only decode on the INT4 kernel (opt-in); None reads FP4_DECODE_ENV, so
+    QLinear and `quantkit inspect` agree.
     """
+    if fp4_int4x2 is None:
+        fp4_int4x2 = os.environ.get(FP4_DECODE_ENV) == "int4x2"
     choice = _choose(weight_format, act_format, mode, shape, device, compute_dtype, group, fp4_int4x2)
     if choice.name in ("tiled_dequant", "int8pack_mm", "int4pack_mm", "fake_act_tiled", "fp4_int4x2"):
         return _with_fp32_prefill(choice, device, compute_dtype)
