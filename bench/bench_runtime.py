@@ -355,17 +355,26 @@ def memory_child(label: str) -> dict:
         model(input_ids=ids[:, :1], use_cache=False)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+    # every storage once: a buffer may be a view of a kernel table (INT4's weight_scale), and a
+    # cache may share a buffer's storage; model tensors + kernel caches = what the model holds
     seen: set[int] = set()
+
+    def _new_bytes(t: torch.Tensor) -> int:
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.untyped_storage().nbytes()
+
     total = packed = caches = 0
     largest_layer_dense = 0
     for m in model.modules():
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += _tensor_bytes(t)
+            total += _new_bytes(t)
+    for m in model.modules():
         if isinstance(m, QLinear):
             packed += m.qweight.nbytes
-            caches += sum(_tensor_bytes(t) for t in m._kcache.values())
+            caches += sum(_new_bytes(t) for t in m._kcache.values())
             largest_layer_dense = max(largest_layer_dense, m.out_features * m.in_features * 2)
     return {"variant": label, "model_tensor_mb": round(total / 2**20, 2), "packed_linear_mb": round(packed / 2**20, 2),
             "dense_bf16_linear_mb": round(dense_linear_bytes / 2**20, 2),
@@ -461,6 +470,71 @@ def compile_rows(rounds: int, prov: dict) -> dict:
     return out
 
 
+# -- torch.compile of a fused FP4 "LUT dequant + GEMV" (a probe, not a quantkit route) ------------
+FP4_COMPILE_SHAPES = [("SmolLM2", "q/o_proj", 576, 576), ("Llama-7B", "q/k/v/o_proj", 4096, 4096)]
+
+
+def _fp4_lut_gemv(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """x fp32 [1, K]; codes uint8 [N, K/2]; d fp32 [N, K/16] (NVFP4 divisors); lut fp32 [16] -> [1, N].
+
+    Written so inductor can fuse it without materializing the weight: even/odd inputs against low/
+    high nibbles (no stack), a 16-wide reduction per block, then the block scales (a first version
+    with torch.stack materialized the whole fp32 weight and ran at 0.06-0.2x of bf16).
+    """
+    n, k = codes.shape[0], x.shape[1]
+    nb = k // 16
+    xe, xo = x.view(nb, 8, 2)[..., 0], x.view(nb, 8, 2)[..., 1]  # [nb, 8] even / odd inputs
+    c = codes.view(n, nb, 8).to(torch.int32)  # [N, nb, 8] bytes: low nibble = even element
+    part = (xe * lut[c & 15] + xo * lut[c >> 4]).sum(-1)  # [N, nb] per-block dot products
+    return (part * d).sum(-1)[None]
+
+
+@torch.inference_mode()
+def fp4_compile_rows(rounds: int, prov: dict) -> dict:
+    """Compile time (cold and warm inductor cache) and per-call time of the fused FP4 GEMV vs bf16."""
+    import tempfile
+
+    from quantkit.formats import e2m1, get_format
+
+    out: dict = {"provenance": prov, "rows": []}
+    lut = e2m1._CODE_LUT.clone()
+    fmt = get_format("nvfp4")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # an empty on-disk cache: the first compile is cold
+        try:
+            for model, layer, out_f, in_f in FP4_COMPILE_SHAPES:
+                torch.manual_seed(0)
+                lin = nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+                q = fmt.quantize(lin.weight.detach())
+                d = fmt.divisor(q.scale, q.global_scale)
+                x = torch.randn(1, in_f, dtype=torch.bfloat16)
+                compile_s = {}
+                for kind in ("cold", "warm"):  # warm: dynamo reset, inductor's on-disk cache kept
+                    torch._dynamo.reset()
+                    fn = torch.compile(_fp4_lut_gemv, dynamic=False)
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    y = fn(x.float(), q.codes, d, lut)
+                    compile_s[kind] = (round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2))
+                ref = x.float() @ fmt.dequantize(q, torch.float32).t()
+                err = float((y - ref).abs().max() / (x.float().abs() @ fmt.dequantize(q).abs().t()).max())
+                med = _interleaved({"bf16": lin, "compiled": lambda t: fn(t.float(), q.codes, d, lut)}, x, rounds)
+                out["rows"].append({"model": model, "layer": layer, "out": out_f, "in": in_f, "rows": 1,
+                                    "cold_compile_wall_s": compile_s["cold"][0], "cold_compile_cpu_s": compile_s["cold"][1],
+                                    "warm_compile_wall_s": compile_s["warm"][0], "warm_compile_cpu_s": compile_s["warm"][1],
+                                    "bf16_ms": round(med["bf16"], 4), "compiled_ms": round(med["compiled"], 4),
+                                    "speedup_vs_bf16": round(med["bf16"] / med["compiled"], 3),
+                                    "max_err_rel_to_sum_abs": err})
+                print(f"  fp4 compiled GEMV {model} {layer}: {out['rows'][-1]}", flush=True)
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+            torch._dynamo.reset()
+    return out
+
+
 # -- report --------------------------------------------------------------------------------------
 def _goal_rows(layers: list[dict]) -> list[dict]:
     out = []
@@ -547,6 +621,20 @@ def markdown(res: dict) -> str:
         if c.get("compile_failed"):
             out += ["", f"Compile failed: {c['compile_failed'][0]}"]
         out.append("")
+    if res.get("fp4_compile"):
+        c = res["fp4_compile"]
+        out += ["## torch.compile (inductor) of a fused FP4 LUT-dequant + GEMV (NVFP4, one row; a probe)", "",
+                f"Commit `{c['provenance']['commit'][:12]}`, `{c['provenance']['command']}`, load "
+                f"{c['provenance']['machine']['loadavg_start'][0]:.1f}. Compile CPU time is the main process only "
+                "(inductor's compile workers are not counted). Error: max |y - ref| / max(|x| @ |W|.T), fp32.", "",
+                "| layer | cold compile s wall (CPU) | warm compile s wall (CPU) | bf16 ms | compiled ms | speed-up vs bf16 "
+                "| error |", "|---|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            out.append(f"| {r['model']} {r['layer']} {r['out']}x{r['in']} | {r['cold_compile_wall_s']} "
+                       f"({r['cold_compile_cpu_s']}) | {r['warm_compile_wall_s']} ({r['warm_compile_cpu_s']}) | "
+                       f"{r['bf16_ms']:.3f} | {r['compiled_ms']:.3f} | {r['speedup_vs_bf16']:.2f}x | "
+                       f"{r['max_err_rel_to_sum_abs']:.1e} |")
+        out.append("")
     if res.get("memory"):
         out += ["## Memory: SmolLM2-135M in real mode after a 512-token and a 1-token forward (fresh process each)", "",
                 "| variant | model tensors MB | packed linears MB | dense bf16 of those linears MB | kernel caches MB "
@@ -574,6 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only (a smoke run)")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--fp4-compile", action="store_true", help="also probe a torch.compile'd fused FP4 GEMV")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -596,20 +685,23 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_compile:
         print("compile", flush=True)
         res["compile"] = compile_rows(args.rounds, res["provenance"])
+    if args.fp4_compile:
+        print("fp4 compile", flush=True)
+        res["fp4_compile"] = fp4_compile_rows(args.rounds, res["provenance"])
     res["loadavg_end"] = os.getloadavg()
     # which run measured each section: a skipped section keeps its rows and its run's provenance
     res["section_runs"] = {k: {"commit": res["provenance"]["commit"], "command": res["provenance"]["command"],
                                "loadavg_start": res["provenance"]["machine"]["loadavg_start"],
                                "loadavg_end": res["loadavg_end"]}
-                           for k in ("layers", "e2e", "memory", "compile") if k in res}
+                           for k in ("layers", "e2e", "memory", "compile", "fp4_compile") if k in res}
     RESULTS.mkdir(parents=True, exist_ok=True)
     previous = RESULTS / f"{NAME}.json"
     if previous.exists():  # a skipped section keeps its last measured rows (and their provenance)
         old = json.loads(previous.read_text())
-        for key in ("layers", "goals", "e2e", "memory", "compile"):
+        for key in ("layers", "goals", "e2e", "memory", "compile", "fp4_compile"):
             if key not in res and key in old:
                 res[key] = old[key]
-                if key in ("layers", "e2e", "memory", "compile"):
+                if key in ("layers", "e2e", "memory", "compile", "fp4_compile"):
                     res["section_runs"][key] = old.get("section_runs", {}).get(key) or {
                         "commit": old["provenance"]["commit"], "command": old["provenance"]["command"],
                         "loadavg_start": old["provenance"]["machine"]["loadavg_start"],
