@@ -171,22 +171,29 @@ def _column_rounder(fmt: Format, col_scales: torch.Tensor, gs: torch.Tensor | No
     return lambda c, i: _qdq_column(fmt, c, col_scales[:, i], gs)
 
 
-def _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs) -> None:
-    """Round columns i1..i2 with their fixed scales, then push their error onto columns i2..."""
+def _columns(W, hinv, src, loss, i1, i2, qdq) -> None:
+    """Round columns i1..i2 one at a time, each pushing its error onto the block's later columns,
+    then the block's error onto columns i2.. (lazy batch update). qdq(W1, i) -> column i of the
+    block W1 [out, i2-i1], as updated so far, rounded."""
     W1 = W[:, i1:i2].clone()
     Err1 = torch.zeros_like(W1)
     Hinv1 = hinv[i1:i2, i1:i2]
-    qdq = _column_rounder(fmt, col_scales, gs)
     for i in range(i2 - i1):
         c = W1[:, i]
         src[:, i1 + i] = c
-        q = qdq(c, i)
+        q = qdq(W1, i)
         d = Hinv1[i, i]
         loss += (c - q).square() / d.square()
         err = (c - q) / d
         W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         Err1[:, i] = err
     W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+
+def _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs) -> None:
+    """Columns i1..i2 rounded with their fixed scales."""
+    rounder = _column_rounder(fmt, col_scales, gs)
+    _columns(W, hinv, src, loss, i1, i2, lambda W1, i: rounder(W1[:, i], i))
 
 
 # -- the earlier dynamic-scale variant ------------------------------------------------------------
@@ -205,23 +212,12 @@ def _dynamic(fmt, w, W, h, gs, g, block_size, dampening, observer):
 
 
 def _dynamic_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dtype) -> None:
-    """Quantize columns i1..i2 one at a time, then push their error onto columns i2.. (lazy update)."""
+    """Columns i1..i2, each block's scale fixed from the updated weights when its first column comes."""
     per_channel = g == W.shape[1]
-    cur = picked[-1] if picked else None
-    W1 = W[:, i1:i2].clone()
-    Err1 = torch.zeros_like(W1)
-    Hinv1 = hinv[i1:i2, i1:i2]
-    for i in range(i2 - i1):
-        col = i1 + i
-        if col % g == 0 and not per_channel:  # a new block: fix its scale from the updated weights
-            cur = _block_scale(fmt, W1[:, i : i + g].to(dtype), gs, observer)  # [out, 1]
-            picked.append(cur)
-        c = W1[:, i]
-        src[:, col] = c
-        q = _qdq_column(fmt, c, cur[:, 0], gs)
-        d = Hinv1[i, i]
-        loss += (c - q).square() / d.square()
-        err = (c - q) / d
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        Err1[:, i] = err
-    W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+
+    def qdq(W1, i):
+        if (i1 + i) % g == 0 and not per_channel:  # a new block: fix its scale from the updated weights
+            picked.append(_block_scale(fmt, W1[:, i : i + g].to(dtype), gs, observer))  # [out, 1]
+        return _qdq_column(fmt, W1[:, i], picked[-1][:, 0], gs)
+
+    _columns(W, hinv, src, loss, i1, i2, qdq)
