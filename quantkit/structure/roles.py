@@ -50,26 +50,9 @@ class BlockStructure:
         return {li.role: li.path for li in self.linears}
 
 
-def _back(trace: Trace, tid: int, stops: dict[int, str]) -> tuple[set[int], set[str]]:
-    """(ancestor tensor ids, nearest linears) of a tensor, not walking through a linear's output."""
-    seen: set[int] = set()
-    found: set[str] = set()
-    stack = [tid]
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in stops:
-            found.add(stops[t])
-            continue
-        for op in trace.producers.get(t, ()):
-            stack.extend(trace.ops[op].inputs)
-    return seen, found
-
-
-def _forward_linears(trace: Trace, tid: int, readers: dict[int, list[str]]) -> list[str]:
-    """Nearest linears reading a tensor or anything computed from it."""
+def _walk(tid: int, hits: dict[int, list[str]], step) -> tuple[set[int], list[str]]:
+    """(tensors reached, linears met in order) from tid, depth first through step(tensor) -> the
+    next tensors, stopping at a tensor in `hits` (a linear's output or input) and taking its linears."""
     seen: set[int] = set()
     found: list[str] = []
     stack = [tid]
@@ -78,12 +61,22 @@ def _forward_linears(trace: Trace, tid: int, readers: dict[int, list[str]]) -> l
         if t in seen:
             continue
         seen.add(t)
-        if t in readers:
-            found += [p for p in readers[t] if p not in found]
+        if t in hits:
+            found += [p for p in hits[t] if p not in found]
             continue
-        for op in trace.consumers.get(t, ()):
-            stack.extend(trace.ops[op].outputs)
-    return found
+        stack.extend(step(t))
+    return seen, found
+
+
+def _back(trace: Trace, tid: int, stops: dict[int, list[str]]) -> tuple[set[int], set[str]]:
+    """(ancestor tensor ids, nearest linears) of a tensor, not walking through a linear's output."""
+    seen, found = _walk(tid, stops, lambda t: [i for op in trace.producers.get(t, ()) for i in trace.ops[op].inputs])
+    return seen, set(found)
+
+
+def _forward_linears(trace: Trace, tid: int, readers: dict[int, list[str]]) -> list[str]:
+    """Nearest linears reading a tensor or anything computed from it."""
+    return _walk(tid, readers, lambda t: [o for op in trace.consumers.get(t, ()) for o in trace.ops[op].outputs])[1]
 
 
 def _distance(trace: Trace, src: int, dst: int) -> int:
@@ -101,7 +94,7 @@ def _distance(trace: Trace, src: int, dst: int) -> int:
     return 1 << 30
 
 
-def _attention_site(trace: Trace, stops: dict[int, str]):
+def _attention_site(trace: Trace, stops: dict[int, list[str]]):
     """(q, k, v linear sets, attention output tensor id) of the first attention in the block."""
     first = None
     for op in trace.ops:
@@ -166,7 +159,7 @@ def find_routers(block: nn.Module, experts: list[ExpertsInfo]) -> list[str]:
 
 def assign_roles(trace: Trace, linears: dict[str, nn.Module], experts: list[ExpertsInfo],
                  routers: list[str]) -> BlockStructure:
-    stops = {tid: path for path, tid in trace.linear_out.items()}
+    stops = {tid: [path] for path, tid in trace.linear_out.items()}  # a linear's output: the walk back ends there
     readers: dict[int, list[str]] = {}
     for path, tid in trace.linear_in.items():
         readers.setdefault(tid, []).append(path)
