@@ -81,11 +81,19 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct-bf16"
     if (target / "config.json").exists():
         return target
-    with file_lock(cache_dir() / "models" / ".smollm2.lock"):
+    return gguf_as_dir(smollm2_gguf_path(), target, ".smollm2.lock", pad_from_tokenizer=True)
+
+
+def gguf_as_dir(gguf: Path, target: Path, lock_name: str, *, pad_from_tokenizer: bool = False) -> Path:
+    """`gguf` converted once to a bf16 safetensors directory `target`, tokenizer included. A file
+    lock (`lock_name` in the models cache) makes parallel workers convert once: the others wait and
+    reuse it. pad_from_tokenizer: the generation config's pad id is the tokenizer's."""
+    with file_lock(cache_dir() / "models" / lock_name):
         if (target / "config.json").exists():
             return target
-        model, tok = _load_gguf(smollm2_gguf_path(), torch.bfloat16)
-        model.generation_config.pad_token_id = tok.pad_token_id
+        model, tok = _load_gguf(gguf, torch.bfloat16)
+        if pad_from_tokenizer:
+            model.generation_config.pad_token_id = tok.pad_token_id
         with atomic_dir(target, force=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)

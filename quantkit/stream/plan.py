@@ -91,10 +91,7 @@ def with_offload(requested: str, mode: str, why: str, passes, model_dir: Path | 
 
 def gguf_shards_dir(path: Path) -> Path:
     """A GGUF file converted once to a safetensors checkpoint in the cache (keyed by path, size, mtime)."""
-    import torch
-
-    from quantkit.io import atomic_dir, file_lock
-    from quantkit.models import _load_gguf
+    from quantkit.models import gguf_as_dir
     from quantkit.paths import cache_dir
 
     st = path.stat()
@@ -102,14 +99,7 @@ def gguf_shards_dir(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    with file_lock(cache_dir() / "models" / f".{key}.lock"):
-        if (target / "config.json").exists():
-            return target
-        model, tok = _load_gguf(path, torch.bfloat16)
-        with atomic_dir(target, force=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-    return target
+    return gguf_as_dir(path, target, f".{key}.lock")
 
 
 def local_model_dir(spec: str) -> Path:
