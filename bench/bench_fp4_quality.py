@@ -431,7 +431,8 @@ def _layer_hessians(model, layers: list[int], windows: torch.Tensor) -> dict[str
     return hs
 
 
-def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row=None) -> list[dict]:
+def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row=None,
+               knobs: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """Relative output error sum tr(E H_dev E^T) / sum tr(W H_dev W^T) over the layers' linears, E = Q(W) - W,
     GPTQ fed the calibration Hessians and scored on the development text's (choice on dev, as the ppl rows)."""
     from quantkit.passes.gptq.solver import gptq_quantize
@@ -441,7 +442,7 @@ def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row
     h_cal, h_dev = _layer_hessians(model, layers, calib), _layer_hessians(model, layers, dev)
     arch = arch_info(model)
     rows = []
-    for fmt_name, observers in GPTQ_KNOBS.items():
+    for fmt_name, observers in (knobs or GPTQ_KNOBS).items():
         fmt = get_format(fmt_name)
         bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
         gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), list(h_cal))
@@ -473,10 +474,11 @@ def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> Non
              "Relative output error on the development split, sum tr(E H_dev E^T) / sum tr(W H_dev W^T), E = Q(W) - W; "
              f"GPTQ Hessians from the {CALIB_SAMPLES} x {SEQ_LEN} calibration windows; inputs from the unquantized model "
              "(one layer at a time, not the sequential pipeline). Lower is better.", "",
-             "| format | observer | method | damping | act-order | dev rel. output err | vs RTN minmax | s |",
+             "| format | observer | method | damping | act-order | dev rel. output err | vs RTN, same observer | s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["format"] == r["format"] and not b["gptq"] and b["observer"] == "minmax")
+        # RTN of the same observer: what GPTQ adds on top of the observer alone
+        base = next(b for b in rows if b["format"] == r["format"] and not b["gptq"] and b["observer"] == r["observer"])
         lines.append(f"| {r['format']} | {r['observer']} | {'GPTQ' if r['gptq'] else 'RTN'} | {r['damp'] or '-'} | "
                      f"{'yes' if r['act_order'] else 'no'} | {r['dev_rel_output_err']:.5f} | "
                      f"{r['dev_rel_output_err'] / base['dev_rel_output_err']:.3f} | {r['seconds']} |")
@@ -612,6 +614,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny-only", action="store_true", help="only the random-weight tiny-model check")
     p.add_argument("--name", default="fp4_quality", help="results file stem under bench/results/")
     p.add_argument("--gptq-knobs", default="", help="decoder layers (e.g. 5,20): the GPTQ knob table instead of ppl rows")
+    p.add_argument("--knob-set", default="", help="with --gptq-knobs: FORMAT:OBSERVER,... instead of every "
+                   "format x observer of GPTQ_KNOBS (e.g. nvfp4:e4m3_local)")
     p.add_argument("--merge", default="", help="stems of earlier result JSONs (same windows) to combine into --name")
     args = p.parse_args(argv)
     if args.merge:  # processes run side by side on the shared machine, one table
@@ -639,8 +643,12 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         layers = [int(x) for x in args.gptq_knobs.split(",")]
         env = environment(argv)
+        knobs: dict[str, tuple[str, ...]] = {}
+        for item in filter(None, args.knob_set.split(",")):
+            f, o = item.split(":")
+            knobs[f] = (*knobs.get(f, ()), o)
         rows = gptq_knobs(layers, calib, windows_of(tok, dev_texts, 8, None),
-                          on_row=lambda rs: write_gptq(rs, layers, env, args.name))
+                          on_row=lambda rs: write_gptq(rs, layers, env, args.name), knobs=knobs or None)
         return {"rows": rows}
     dev = windows_of(tok, dev_texts, args.dev_windows, None)
     heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows)  # quantkit eval's windows (BOS)
