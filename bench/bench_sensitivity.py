@@ -39,7 +39,7 @@ from quantkit.analysis.budget import (
 )
 from quantkit.analysis.checks import add_cross_format_check
 from quantkit.analysis.report import write_reports
-from quantkit.analysis.sensitivity import SensitivityResult, run_sensitivity, sweep_tokens
+from quantkit.analysis.sensitivity import SensitivityResult, fp32_compute, run_sensitivity, sweep_tokens
 from quantkit.analysis.sweep import TOPK, Sweep
 from quantkit.arch import arch_info
 from quantkit.formats import get_format
@@ -69,50 +69,49 @@ def _budget(model, tok, result, args) -> dict:
     arch = arch_info(model)
     names = Targets().select(model, arch)
     tokens = sweep_tokens(model, tok, args.budget_samples, args.seq_len, offset=args.samples)
-    model.float()
-    sweep = Sweep(model, arch, get_format(result.format), tokens, names, act_quant=False)
-    sweep.reference()
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-    uniform = {n: result.format for n in names}
-    rows = {"uniform": {"budget": None, "choice": uniform}}
-    # at uniform NVFP4's own bits, upgrades must be paid for with MXFP4; at 5 bits only upgrades
-    for budget, formats in ((average_bits(uniform, shapes), SAME_BITS_CANDIDATES), (EXTRA_BUDGET, CANDIDATES)):
-        plan = plan_budget(result, model, arch, names, budget, list(formats))
-        rows[f"guided@{budget:.4g}"] = {"budget": budget, "choice": plan["guided"]}
-        recipe = recipe_yaml(plan["guided"], act_quant=False, name=f"smollm2-nvfp4-mixed-{budget:.4g}bits")
-        (RESULTS / "sensitivity_nvfp4" / f"recipe_budget_{budget:.3g}bits.yaml").write_text(recipe)
-        rows[f"blind@{budget:.4g}"] = {"budget": budget, "choice": plan["blind"]}
-    out = {}
-    for label, row in rows.items():
-        m = measure_choice(sweep, model, arch, row["choice"])
-        counts = {}
-        for f in row["choice"].values():
-            counts[f] = counts.get(f, 0) + 1
-        out[label] = {"avg_bits": average_bits(row["choice"], shapes), "ppl": m.ppl, "kl": m.kl, "counts": counts,
-                      "ppl_fp": sweep.ppl_fp}
-        print(label, out[label], flush=True)
-    model.to(torch.bfloat16)
+    # the model is used again afterwards: its own dtypes back (model.to(bf16) would round fp32 inv_freq)
+    with fp32_compute(model):
+        sweep = Sweep(model, arch, get_format(result.format), tokens, names, act_quant=False)
+        sweep.reference()
+        shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+        uniform = {n: result.format for n in names}
+        rows = {"uniform": {"budget": None, "choice": uniform}}
+        # at uniform NVFP4's own bits, upgrades must be paid for with MXFP4; at 5 bits only upgrades
+        for budget, formats in ((average_bits(uniform, shapes), SAME_BITS_CANDIDATES), (EXTRA_BUDGET, CANDIDATES)):
+            plan = plan_budget(result, model, arch, names, budget, list(formats))
+            rows[f"guided@{budget:.4g}"] = {"budget": budget, "choice": plan["guided"]}
+            recipe = recipe_yaml(plan["guided"], act_quant=False, name=f"smollm2-nvfp4-mixed-{budget:.4g}bits")
+            (RESULTS / "sensitivity_nvfp4" / f"recipe_budget_{budget:.3g}bits.yaml").write_text(recipe)
+            rows[f"blind@{budget:.4g}"] = {"budget": budget, "choice": plan["blind"]}
+        out = {}
+        for label, row in rows.items():
+            m = measure_choice(sweep, model, arch, row["choice"])
+            counts = {}
+            for f in row["choice"].values():
+                counts[f] = counts.get(f, 0) + 1
+            out[label] = {"avg_bits": average_bits(row["choice"], shapes), "ppl": m.ppl, "kl": m.kl, "counts": counts,
+                          "ppl_fp": sweep.ppl_fp}
+            print(label, out[label], flush=True)
     return out
 
 
 def _topk_kl_check(model, tok, args) -> dict:
-    """Compact (top-256 + tail) vs full-vocabulary KL for the ALL run on one held-out window."""
+    """Compact (top-TOPK + tail) vs full-vocabulary KL for the ALL run on one held-out window."""
     from quantkit.analysis import sweep as S
 
     arch = arch_info(model)
     names = Targets().select(model, arch)
     tokens = sweep_tokens(model, tok, 1, args.seq_len)
-    model.float()
-    out = {}
-    for label, full_max in (("compact", S.FULL_VOCAB_MAX), ("full", 10**9)):
-        saved, S.FULL_VOCAB_MAX = S.FULL_VOCAB_MAX, full_max
-        try:
-            sw = Sweep(model, arch, get_format("nvfp4"), tokens, names, act_quant=False)
-            sw.reference()
-            out[label] = sw.measure(names).kl
-        finally:
-            S.FULL_VOCAB_MAX = saved
-    model.to(torch.bfloat16)
+    with fp32_compute(model):
+        out = {}
+        for label, full_max in (("compact", S.FULL_VOCAB_MAX), ("full", 10**9)):
+            saved, S.FULL_VOCAB_MAX = S.FULL_VOCAB_MAX, full_max
+            try:
+                sw = Sweep(model, arch, get_format("nvfp4"), tokens, names, act_quant=False)
+                sw.reference()
+                out[label] = sw.measure(names).kl
+            finally:
+                S.FULL_VOCAB_MAX = saved
     out["compact_over_full"] = out["compact"] / out["full"]
     print("topk", out, flush=True)
     return out

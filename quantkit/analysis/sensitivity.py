@@ -383,6 +383,18 @@ def _tensor_dtypes(model: nn.Module) -> dict[tuple[int, str], torch.dtype]:
     return {(id(m), leaf): t.dtype for m, leaf, t, _ in _owned_tensors(model)}
 
 
+@contextmanager
+def fp32_compute(model: nn.Module):
+    """The model in fp32 inside the block; afterwards every parameter and buffer has its own dtype
+    and, for 16-bit ones, its exact values back (see _restore_dtypes)."""
+    dtypes = _tensor_dtypes(model)
+    model.float()
+    try:
+        yield model
+    finally:
+        _restore_dtypes(model, dtypes)
+
+
 def _restore_dtypes(model: nn.Module, dtypes: dict[tuple[int, str], torch.dtype]) -> None:
     """Undo model.float() tensor by tensor.
 

@@ -132,6 +132,28 @@ def test_every_parameter_and_buffer_restored_on_a_from_pretrained_model(tokens, 
         assert after[n].dtype == t.dtype and torch.equal(after[n], t), n
 
 
+def test_fp32_compute_gives_every_tensor_back_even_after_an_error(tmp_path):
+    # bench_sensitivity's budget and top-k checks used model.float() ... model.to(bf16), which rounded
+    # the fp32 inv_freq and made the second format's sweep start from another model (FP ppl 15.1837
+    # vs 15.1849); fp32_compute is the one way back
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.analysis.sensitivity import fp32_compute
+
+    tiny_model(seed=3).save_pretrained(tmp_path)
+    net = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    net.model.rotary_emb.inv_freq.mul_(1.0 + 2.0**-12)  # values bf16 cannot hold
+    before = {n: t.clone() for n, t in list(net.named_parameters()) + list(net.named_buffers())}
+    with pytest.raises(RuntimeError), fp32_compute(net):
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        raise RuntimeError("inside")
+    after = dict(list(net.named_parameters()) + list(net.named_buffers()))
+    for n, t in before.items():
+        assert after[n].dtype == t.dtype and torch.equal(after[n], t), n
+    net.float().to(torch.bfloat16)  # the cast the bench used to do: it does change inv_freq
+    assert not torch.equal(net.model.rotary_emb.inv_freq, before["model.rotary_emb.inv_freq"])
+
+
 def test_no_hooks_left_after_w4a4_runs(model, tokens):
     sw = _sweep(model, tokens, act_quant=True)
     sw.measure(sw.names)
