@@ -59,7 +59,8 @@ def verify_checkpoint(
         s.acts is not None and s.acts.get("type") == "int" and s.acts.get("dynamic") is True
         for s in plan.schemes.values())
     # the reference goes straight to _loaded_checks, which drops it before quantkit's runtime loads
-    ref = _source_checks(ckpt, result, plan, source, eval_windows) if source is not None else None
+    reads_source = source is not None and (plan is not None or eval_windows > 0)
+    ref = _source_checks(ckpt, result, plan, source, eval_windows) if reads_source else None
     if run or ref is not None:
         _loaded_checks(ckpt, result, run, ref, dynamic_int)
     return result
