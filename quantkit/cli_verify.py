@@ -56,11 +56,15 @@ def _print(result) -> None:
                       highlight=False, markup=False)
     run = result.info.get("run")
     if run and "runtime_rel_max_diff" in run:
-        tol = ", ".join(f"{k} <= {v}" for k, v in run["runtime_tolerance"].items())
+        tol = ", ".join(f"{k} <= {v:.3g}" for k, v in run["runtime_tolerance"].items())
         console.print(f"quantkit runtime vs transformers on {run['tokens']} tokens: max logit difference "
                       f"{run['runtime_rel_max_diff']:.3g} of the largest logit, mean token KL {run['runtime_kl']:.3g}, "
                       f"top-1 agreement {run['runtime_top1_agreement']:.3f} (tolerance {tol})",
                       highlight=False, markup=False)
+        ref = run.get("fp32_reference")
+        if ref:
+            console.print(f"vs the fp32 forward: transformers KL {ref['transformers_kl']:.3g} (the noise floor), "
+                          f"quantkit runtime KL {ref['quantkit_kl']:.3g}", highlight=False, markup=False)
     src = result.info.get("source")
     if src:
         console.print(f"vs source: median relative error {src['median_rel_err']:.4g}, max {src['max_rel_err']:.4g} "
