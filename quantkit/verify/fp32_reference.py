@@ -42,7 +42,8 @@ def fp32_forward(model: nn.Module) -> Iterator[None]:
                 restore.append(lambda t=t, dtype=t.dtype: setattr(t, "data", t.data.to(dtype)))
                 t.data = t.data.float()
             else:
-                restore.append(lambda table=table, name=name, dtype=t.dtype: table.__setitem__(name, table[name].to(dtype)))
+                restore.append(lambda table=table, name=name, dtype=t.dtype:
+                               table.__setitem__(name, table[name].to(dtype)))
                 table[name] = t.float()
 
     def narrow(module: nn.Module, _args=None, _out=None) -> None:
