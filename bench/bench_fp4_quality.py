@@ -300,7 +300,7 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
             cache["stats_s"] = round(time.time() - t0, 1)
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
-    row["quantize_s"] = round(time.time() - t, 1)  # after the one-time statistics sweep (stats_s)
+    row["quantize_s"] = round(time.time() - t, 1)  # includes the statistics sweep when this row ran it (stats_s)
     t = time.time()
     row["dev_nll"] = window_nll(model, dev)
     row["heldout_nll"] = window_nll(model, heldout)
@@ -514,11 +514,13 @@ def rotation_column(scheme: str) -> str:
         return "not measured"
     rows = json.loads(f.read_text()).get("rows", [])
     base = next((r for r in rows if r.get("scheme") == "bf16" and "heldout_ppl" in r), None)
-    mine = [r for r in rows if r.get("scheme") == scheme and "heldout_ppl" in r]
+    mine = [r for r in rows if r.get("scheme") == scheme and "heldout_ppl" in r and r.get("kind") != "rtn"]
     if not base or not mine:
         return "not measured"
     best = min(mine, key=lambda r: r["heldout_ppl"])
-    return f"rotate.json: {best.get('kind', '?')} {best.get('block') or ''} Δ {best['heldout_ppl'] - base['heldout_ppl']:+.3f}"
+    rtn = next((r for r in rows if r.get("scheme") == scheme and r.get("kind") == "rtn" and "heldout_ppl" in r), None)
+    vs = f", {(best['heldout_ppl'] - base['heldout_ppl']) / (rtn['heldout_ppl'] - base['heldout_ppl']):.2f}x its RTN" if rtn else ""
+    return f"rotate.json (own windows): {best.get('kind', '?')} Δ {best['heldout_ppl'] - base['heldout_ppl']:+.3f}{vs}"
 
 
 def _method(r: dict) -> str:
@@ -596,8 +598,8 @@ def write(out: dict, name: str) -> None:
     lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; "
               f"versions {env['versions']}; load average at start {env['machine']['loadavg_start']}, "
               f"at write {env['machine']['loadavg_now']} on {env['machine']['cpus']} CPUs (shared: wall times are "
-              "not comparable between rows; quantkit's calib+quant s excludes the one-time statistics sweep "
-              f"stats_s={out.get('stats_s')})."]
+              "not comparable between rows; quantkit's calib+quant s includes the activation-statistics sweep on the "
+              f"first row of each process that needs it, stats_s={out.get('stats_s')} s here)."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
