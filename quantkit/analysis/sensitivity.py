@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,9 +327,10 @@ def run_sensitivity(
     orig_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    orig_dtypes = _tensor_dtypes(model)
     was_training = model.training
-    model.float().eval()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
+    in_fp32 = ExitStack()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
+    in_fp32.enter_context(fp32_compute(model))
+    model.eval()
     try:
         sweep = Sweep(model, arch, fmt, tokens, names, act_quant=MODES[mode], batch_size=batch_size, moe=moe)
         ppl_fp = sweep.reference()
@@ -356,7 +357,7 @@ def run_sensitivity(
         result.timings = {"reference_s": t_ref, "total_s": time.perf_counter() - t_start,
                           "runs_s": sum(r.seconds for r in results)}
     finally:
-        _restore_dtypes(model, orig_dtypes)
+        in_fp32.close()
         model.train(was_training)
         torch.set_num_threads(orig_threads)
     if out:

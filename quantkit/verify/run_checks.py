@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from quantkit.errors import ModelLoadError
+from quantkit.eval import kl_sum
 from quantkit.verify.checkpoint import Checkpoint
 from quantkit.verify.fp32_reference import fp32_forward
 from quantkit.verify.result import VerifyResult
@@ -110,9 +111,8 @@ def _fp32_logits(model, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Mean token KL(p || q) in nats."""
-    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    """Mean token KL(p || q) in nats (quantkit.eval's KL, per position)."""
+    return kl_sum(p_logits, q_logits) / (p_logits.numel() // p_logits.shape[-1])
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
