@@ -256,8 +256,6 @@ class QLinear(nn.Module):
             self._buffers["weight_codes"] = self.qweight.codes
             self._codes_layout = "canonical"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight_codes" in state_dict:
-            self._codes_layout = "canonical"
         self._kcache.clear()  # tables derived from the old scales
 
     def extra_repr(self) -> str:
