@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 
 from quantkit.formats import e2m1
+from quantkit.formats.int4 import INT4_OFFSET  # torch's kernel reads a nibble n as n - 8, as stored
 from quantkit.nn.kernels import int4 as k_int4
 
 _V2 = (0, 1, 2, 3, 4, 6, 8, 12)  # 2 * E2M1 magnitude of code index 0..7
-INT4_OFFSET = 8  # torch's kernel reads a nibble n as n - 8
 CONVERT_ROWS = 1024  # rows converted per chunk (a multiple of every kernel BLOCK_N: 32, 64)
 
 

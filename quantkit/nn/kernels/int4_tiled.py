@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantkit.formats.int4 import INT4_OFFSET  # torch's kernel reads a nibble n as n - 8, as stored
 from quantkit.nn.kernels import int4 as k_int4
 from quantkit.nn.kernels import tiled
 
-INT4_OFFSET = 8  # torch's kernel reads a nibble n as n - 8
 ROW_ALIGN = 64  # tiles start on a multiple of every kernel BLOCK_N (32 AVX2, 64 AVX512)
 
 
@@ -61,12 +61,13 @@ def int4_layout_linear(
     flat = packed.reshape(-1)
     x32 = x.float()
     limit = torch.finfo(x.dtype).max
+    saturates = halves and float(scale.max()) * 12 > limit  # once per call, not per tile
     y = torch.empty(x.shape[0], out_f, dtype=torch.float32, device=x.device)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         nib = k_int4._unpack(flat[r0 * per_row : r1 * per_row], r1 - r0, cols, layout)  # [rows, cols]
         w32 = _tile_values(nib, scale[r0:r1], in_f, block, halves)
-        if halves and float(scale.max()) * 12 > limit:  # FP4 saturates as the format's dequantize
+        if saturates:  # FP4 saturates as the format's dequantize
             w32.clamp_(-limit, limit)
         w = w32.to(x.dtype)  # the reference's one rounding
         if output_scale is not None:
