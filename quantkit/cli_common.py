@@ -76,11 +76,33 @@ def quiet_libraries() -> None:
     # interleave with it (huggingface_hub's switch also turns off transformers' weight-loading bar)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    _silence_tqdm()
     if "transformers" in sys.modules:  # imported already (in-process callers): env vars are read
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+def _silence_tqdm() -> None:
+    """compressed-tensors draws plain tqdm bars ("Applying quantization config", "Dispatching
+    model") when transformers loads a checkpoint, and passes `disable=` explicitly, so tqdm's own
+    TQDM_DISABLE cannot turn them off. The CLI therefore forces disable=True in tqdm's constructor
+    (every `from tqdm import tqdm` shares the class). A user's TQDM_DISABLE=0 keeps the bars."""
+    if os.environ.get("TQDM_DISABLE", "1") in ("0", "false", "False"):
+        return
+    import tqdm
+
+    if getattr(tqdm.tqdm.__init__, "_quantkit_silenced", False):
+        return
+    original = tqdm.tqdm.__init__
+
+    def silenced(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    silenced._quantkit_silenced = True
+    tqdm.tqdm.__init__ = silenced
 
 
 def quiet_torch_loggers() -> None:

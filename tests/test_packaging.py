@@ -158,3 +158,12 @@ def test_apply_stderr_holds_only_quantkit_lines(tmp_path, tiny_llama_dir):
     assert foreign == [], res.stderr
     assert any(line.startswith(PROGRESS_PREFIX) for line in lines)  # stderr is a pipe: plain progress lines
     assert res.stdout == ""  # without --json nothing goes to stdout
+
+
+def test_verify_stderr_has_no_library_progress_bars(tmp_path, tiny_llama_dir):
+    # verify loads the checkpoint in transformers, where compressed-tensors draws its own tqdm bars
+    out = tmp_path / "out"
+    _cli("apply", "nvfp4-w4a16", tiny_llama_dir, "-o", out, "--no-eval", *FAST, cwd=tmp_path)
+    res = _cli("verify", out, cwd=tmp_path)
+    assert "it/s]" not in res.stderr and "ompressing model" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].startswith("ok "), res.stderr
