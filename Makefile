@@ -29,8 +29,9 @@ test: setup
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
 
+# every results file (hours on a 2-core CPU); `make bench JOBS="masa streaming"` for some of them
 bench: setup
-	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py
+	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py $(JOBS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -51,6 +51,8 @@ SCHEMES = {  # name -> (weight format, activation format)
     "nvfp4": ("nvfp4", "nvfp4"),
     "mxfp4a16": ("mxfp4", None),
     "mxfp4": ("mxfp4", "mxfp4"),
+    # the other MXFP4 exponent rules (mxfp4a16 uses the default, `even`): docs/formats.md's rule table
+    **{f"mxfp4a16_{rule}": (f"mxfp4_{rule}", None) for rule in ("floor", "rceil", "ceil")},
 }
 WEIGHTINGS = ("none", "channel", "hessian")
 DEFAULT_CONFIGS = [

@@ -1,6 +1,12 @@
-"""`make bench`: every benchmark in one run; each writes bench/results/<name>.json and .md.
+"""`make bench`: every committed results file, regenerated from code in one run.
 
-A failing benchmark is reported and the others still run; the exit code is 1 if any failed.
+Each job is named after the results file it writes (bench/results/<job>.json and .md) and is one
+or more bench invocations, run in order; the table in docs/benchmarks.md lists them. A failing
+job is reported and the others still run; the exit code is then 1.
+
+    python bench/run_all.py                 # every job (many hours on a 2-core CPU machine)
+    python bench/run_all.py masa streaming  # only these jobs
+    python bench/run_all.py --list          # job names and their commands
 """
 
 from __future__ import annotations
@@ -14,23 +20,71 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BENCHES = ["bench_apply", "bench_formats", "bench_fp4_quality", "bench_llm_int8", "bench_quantvla",
-           "bench_masa", "bench_sensitivity", "bench_streaming", "bench_runtime", "bench_rotate",
-           "bench_moe_experts", "bench_moe"]
+# the windows, calibration and knobs docs/quality.md reports; the s4/s5 parts are merged into one table
+_Q16 = ["--windows", "16", "--dev-windows", "8", "--no-tiny"]
+_S4_PARTS = {
+    "fp4_quality_s4a": ["--configs", "bf16", "--peers", "NVFP4A16:rtn,NVFP4:rtn,MXFP4:rtn"],
+    "fp4_quality_s4b": ["--configs", "nvfp4a16:e4m3_local:hessian,nvfp4a16:e4m3_local:none"],
+    "fp4_quality_s4c": ["--configs", "nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao"],
+    "fp4_quality_s4e": ["--configs", "mxfp4a16:minmax:none,mxfp4a16:mx_exp:hessian"],
+    "fp4_quality_s4d": ["--configs", "", "--peers", "MXFP4A16:rtn"],
+    "fp4_quality_s5a": ["--configs", "", "--peers", "NVFP4A16:gptq_mse"],
+}
+_RULES = ",".join(f"mxfp4a16{r}:minmax:none" for r in ("", "_floor", "_rceil", "_ceil"))
+
+JOBS: dict[str, list[tuple[str, list[str]]]] = {
+    "apply": [("bench_apply", ["--windows", "16"])],
+    "formats": [("bench_formats", [])],
+    "fp4_quality": [("bench_fp4_quality", ["--windows", "4", "--dev-windows", "4", "--configs", ",".join([
+        "bf16", "nvfp4a16:minmax:none", "nvfp4a16:e4m3_local:none", "mxfp4a16:minmax:none", "mxfp4a16:mx_exp:none",
+        "nvfp4a16:e4m3_local:hessian", "mxfp4a16:mx_exp:hessian", "nvfp4a16:four_over_six:none"])])],
+    "fp4_quality_tiny": [("bench_fp4_quality", ["--tiny-only", "--name", "fp4_quality_tiny"])],
+    "fp4_quality_s4": [*(("bench_fp4_quality", [*_Q16, "--name", n, *a]) for n, a in _S4_PARTS.items()),
+                       ("bench_fp4_quality", ["--merge", ",".join(_S4_PARTS), "--name", "fp4_quality_s4"])],
+    "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
+                                                   "--name", "fp4_quality_gptq_s4"])],
+    "fp4_rules": [("bench_fp4_quality", [*_Q16, "--configs", f"bf16,{_RULES}", "--name", "fp4_rules"])],
+    "llm_int8": [("bench_llm_int8", [])],
+    "quantvla": [("bench_quantvla", [])],
+    "masa": [("bench_masa", ["--preset", "masa"])],
+    "masa_ablation": [("bench_masa", ["--preset", "masa_ablation"])],
+    "masa_ablation2": [("bench_masa", ["--preset", "masa_ablation2"])],
+    "masa_best": [("bench_masa", ["--preset", "masa_best"])],
+    "sensitivity": [("bench_sensitivity", [])],
+    "streaming": [("bench_streaming", [])],
+    "runtime": [("bench_runtime", [])],
+    "rotate": [("bench_rotate", [])],
+    "moe_experts": [("bench_moe_experts", [])],
+    "moe": [("bench_moe", [])],
+}
 
 
-def main() -> int:
-    only = sys.argv[1:] or BENCHES
+def command(job: str) -> list[str]:
+    return [" ".join(["python", f"bench/{module}.py", *(a if a else '""' for a in argv)]) for module, argv in JOBS[job]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--list"]:
+        for job in JOBS:
+            print(f"{job}: " + " && ".join(command(job)))
+        return 0
+    unknown = [j for j in argv if j not in JOBS]
+    if unknown:
+        print(f"error: unknown bench job(s) {', '.join(unknown)}; see `python bench/run_all.py --list`", file=sys.stderr)
+        return 2
     failed = []
-    for name in only:
+    for job in argv or JOBS:
         start = time.perf_counter()
-        print(f"== {name}", flush=True)
-        try:
-            importlib.import_module(f"bench.{name}").main([])
-        except Exception:  # keep going: one broken bench must not hide the others
-            traceback.print_exc()
-            failed.append(name)
-        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"== {job}", flush=True)
+        for module, args in JOBS[job]:
+            try:
+                importlib.import_module(f"bench.{module}").main(list(args))
+            except Exception:  # keep going: one broken bench must not hide the others
+                traceback.print_exc()
+                failed.append(job)
+                break
+        print(f"== {job}: {time.perf_counter() - start:.0f} s", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
