@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.provenance import code_is_dirty  # noqa: E402
 from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import read_texts, token_stream  # noqa: E402
 from quantkit.formats import get_format  # noqa: E402
@@ -492,9 +493,7 @@ def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> Non
 # -- output -----------------------------------------------------------------------------------
 def environment(argv: list[str]) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantkit", "bench"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit, "tree_dirty": bool(dirty), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
+    return {"commit": commit, "tree_dirty": code_is_dirty(), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
             "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}

@@ -20,13 +20,23 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+# what counts as a code change: results files and the git-ignored work folder (a symlink in a bench
+# worktree) are what benches write, so they do not make a run "uncommitted"
+CODE_PATHS = ("quantkit", "bench", ":!bench/results", ":!bench/work")
+
+
+def code_is_dirty() -> bool:
+    out = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], capture_output=True, text=True, cwd=ROOT)
+    return bool(out.stdout.strip())
+
+
 def provenance(script: str, argv: list[str]) -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     return {
         "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain", "--", "quantkit", "bench")),
+        "uncommitted_changes": code_is_dirty(),
         "command": " ".join([Path(sys.executable).name, script, *argv]),
         "versions": {p: _version(p) for p in PACKAGES},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_start": os.getloadavg()},
