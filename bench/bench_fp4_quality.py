@@ -493,7 +493,7 @@ def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> Non
 # -- output -----------------------------------------------------------------------------------
 def environment(argv: list[str]) -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit, "tree_dirty": code_is_dirty(), "command": " ".join([sys.executable, *sys.argv[:1], *argv]),
+    return {"commit": commit, "tree_dirty": code_is_dirty(), "command": " ".join([sys.executable, "bench/bench_fp4_quality.py", *argv]),
             "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
