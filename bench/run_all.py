@@ -32,6 +32,7 @@ _S4_PARTS = {
     "fp4_quality_s5b": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao"],
     "fp4_quality_s5c": ["--configs", "", "--peers", "MXFP4A16:gptq_mse"],
     "fp4_quality_s5e": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao,nvfp4:minmax:none"],
+    "fp4_quality_s5f": ["--configs", "", "--peers", "NVFP4:rtn"],
     "fp4_quality_s5g": ["--configs", "mxfp4:minmax:none,mxfp4:mx_exp:hessian:gptq:damp=0.1:ao"],
 }
 _RULES = ",".join(f"mxfp4a16{r}:minmax:none" for r in ("", "_floor", "_rceil", "_ceil"))
