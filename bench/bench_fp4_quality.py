@@ -20,11 +20,9 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.provenance import code_is_dirty  # noqa: E402
+from bench.provenance import provenance  # noqa: E402
 from quantkit.arch import arch_info  # noqa: E402
 from quantkit.calib import read_texts, token_stream  # noqa: E402
 from quantkit.formats import get_format  # noqa: E402
@@ -492,11 +490,10 @@ def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> Non
 
 # -- output -----------------------------------------------------------------------------------
 def environment(argv: list[str]) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit, "tree_dirty": code_is_dirty(), "command": " ".join([sys.executable, "bench/bench_fp4_quality.py", *argv]),
-            "versions": {p: version(p) for p in ("torch", "transformers", "compressed-tensors")},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}}
+    """bench/provenance.py's record under this bench's older key names (the merge reads them)."""
+    p = provenance("bench/bench_fp4_quality.py", argv)
+    return {"commit": p["commit"], "tree_dirty": p["uncommitted_changes"], "command": p["command"],
+            "versions": p["versions"], "machine": {**p["machine"], "threads": torch.get_num_threads()}}
 
 
 def bootstrap_delta(nll: list[float], base: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:

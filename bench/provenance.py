@@ -25,17 +25,17 @@ def _version(pkg: str) -> str | None:
 CODE_PATHS = ("quantkit", "bench", ":!bench/results", ":!bench/work")
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
 def code_is_dirty() -> bool:
-    out = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], capture_output=True, text=True, cwd=ROOT)
-    return bool(out.stdout.strip())
+    return bool(_git("status", "--porcelain", "--", *CODE_PATHS))
 
 
 def provenance(script: str, argv: list[str]) -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
     return {
-        "commit": git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD"),
         "uncommitted_changes": code_is_dirty(),
         "command": " ".join([Path(sys.executable).name, script, *argv]),
         "versions": {p: _version(p) for p in PACKAGES},

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,38 +328,37 @@ def run_sensitivity(
     if threads:
         torch.set_num_threads(threads)
     was_training = model.training
-    in_fp32 = ExitStack()  # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
-    in_fp32.enter_context(fp32_compute(model))
-    model.eval()
-    try:
-        sweep = Sweep(model, arch, fmt, tokens, names, act_quant=MODES[mode], batch_size=batch_size, moe=moe)
-        ppl_fp = sweep.reference()
-        t_ref = time.perf_counter() - t_start
-        results = _run_all(sweep, runs, done, ppl_fp, progress, lambda: partial and _save_partial(partial, fingerprint, done))
-        result = SensitivityResult(
-            model=model_name, format=format, mode=mode, metric=metric, samples=int(tokens.shape[0]),
-            seq_len=int(tokens.shape[1]), num_layers=len(arch.layers(model)),
-            components=[c for c in component_order(arch) if any(r.component == c for r in results)] or list(arch.roles),
-            ppl_fp=ppl_fp, runs=results,
-        )
-        result.diagnostics = module_diagnostics(model, arch, names, sweep.act_outliers)
-        result.spearman = diagnostic_correlations(result)
-        result.checks = C.single_result_checks(result) + C.cross_model_checks(result, compare)
-        if sweep.ref and sweep.ref[0].index is not None:
-            result.notes.append(
-                f"KL uses the reference's top-{sweep.ref[0].logp.shape[-1]} tokens plus one tail bucket "
-                "(a lower bound on the full-vocabulary KL)"
+    # fp32 on CPU: bf16 matmuls are slower there, and fp32 keeps tiny deltas visible
+    with fp32_compute(model):
+        model.eval()
+        try:
+            sweep = Sweep(model, arch, fmt, tokens, names, act_quant=MODES[mode], batch_size=batch_size, moe=moe)
+            ppl_fp = sweep.reference()
+            t_ref = time.perf_counter() - t_start
+            results = _run_all(sweep, runs, done, ppl_fp, progress, lambda: partial and _save_partial(partial, fingerprint, done))
+            result = SensitivityResult(
+                model=model_name, format=format, mode=mode, metric=metric, samples=int(tokens.shape[0]),
+                seq_len=int(tokens.shape[1]), num_layers=len(arch.layers(model)),
+                components=[c for c in component_order(arch) if any(r.component == c for r in results)] or list(arch.roles),
+                ppl_fp=ppl_fp, runs=results,
             )
-        if budget_bits is not None:
-            from quantkit.analysis.budget import budget_choice
+            result.diagnostics = module_diagnostics(model, arch, names, sweep.act_outliers)
+            result.spearman = diagnostic_correlations(result)
+            result.checks = C.single_result_checks(result) + C.cross_model_checks(result, compare)
+            if sweep.ref and sweep.ref[0].index is not None:
+                result.notes.append(
+                    f"KL uses the reference's top-{sweep.ref[0].logp.shape[-1]} tokens plus one tail bucket "
+                    "(a lower bound on the full-vocabulary KL)"
+                )
+            if budget_bits is not None:
+                from quantkit.analysis.budget import budget_choice
 
-            result.budget = budget_choice(result, sweep, model, arch, names, budget_bits)
-        result.timings = {"reference_s": t_ref, "total_s": time.perf_counter() - t_start,
-                          "runs_s": sum(r.seconds for r in results)}
-    finally:
-        in_fp32.close()
-        model.train(was_training)
-        torch.set_num_threads(orig_threads)
+                result.budget = budget_choice(result, sweep, model, arch, names, budget_bits)
+            result.timings = {"reference_s": t_ref, "total_s": time.perf_counter() - t_start,
+                              "runs_s": sum(r.seconds for r in results)}
+        finally:
+            model.train(was_training)
+            torch.set_num_threads(orig_threads)
     if out:
         from quantkit.analysis.report import write_reports
 
