@@ -102,9 +102,13 @@ def ppl_of(nll: list[float]) -> float:
 
 
 @torch.inference_mode()
-def collect_stats(model, names: list[str], calib: torch.Tensor, hessian: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def collect_stats(model, names: list[str], calib: torch.Tensor, hessian: bool = True,
+                  rots: tuple[int, ...] = ()) -> dict[str, dict[str, torch.Tensor]]:
     """Per linear: E[x^2] per input channel [in], amax of |x| (scalar) and, when asked, X^T X [in, in] (fp32;
-    the costly part on 2 shared cores, so configs that do not weigh by it skip it)."""
+    the costly part on 2 shared cores, so configs that do not weigh by it skip it) and the amax of the rotated
+    input x R per rotation block in rots (an online rotation's activation global scale)."""
+    from quantkit.passes.rotate.hadamard import rotate
+
     stats: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     tokens = {"n": 0}
 
@@ -116,6 +120,8 @@ def collect_stats(model, names: list[str], calib: torch.Tensor, hessian: bool = 
             if hessian:
                 s["h"] = s.get("h", 0) + x.T @ x
             s["amax"] = torch.maximum(s.get("amax", torch.zeros(())), x.abs().amax())
+            for b in rots:
+                s[f"amax_rot{b}"] = torch.maximum(s.get(f"amax_rot{b}", torch.zeros(())), rotate(x, b).abs().amax())
         return hook
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
@@ -152,8 +158,6 @@ def parse_spec(spec: str) -> dict:
             out["rot"] = int(f[3:])
         else:
             raise ValueError(f"unknown flag {f!r} in {spec}")
-    if out["rot"] and SCHEMES[scheme][1] is not None:
-        raise ValueError("the bench applies rotations to weight-only schemes only (no online activation quantizer)")
     return out
 
 
@@ -168,16 +172,18 @@ def _rotate_weights(model, names: list[str], block: int) -> None:
 
 def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: dict) -> QLinear | None:
     """Put the quantized weight in place. With a rotation, y = (x R) Q(W R)^T = x (Q(W R) R^T)^T: weight-only,
-    the effective dense weight Q(W R) R^T in fp32 is exact to what an online-transform runtime computes."""
+    the effective dense weight Q(W R) R^T in fp32 is exact to what an online-transform runtime computes; with an
+    activation quantizer, a QLinear that rotates its input online before quantizing it (as the rotate pass's)."""
     from quantkit.passes.rotate.hadamard import rotate
 
     lin = model.get_submodule(n)
-    if rot:
+    if rot and act is None:
         fmt = get_format(qt.format)
         dense[n] = rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True).float()
         lin.weight.data = dense[n].to(lin.weight.dtype)  # model dtype while later layers are calibrated
         return None
     q = QLinear(qt, lin.bias, mode="fake", act_format=act, input_global_scale=igs, compute_dtype=dtype)
+    q.input_rotation = rot or None
     set_module(model, n, q)
     return q
 
@@ -200,20 +206,25 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             imp = _importance(stats[n], cfg, n)
             qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), torch.float32, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, cfg["rot"], dense)
     for n, d in dense.items():  # unrounded: the fp32 forward sees exactly Q(W R) R^T
         model.get_submodule(n).weight.data = d
     err = ref = 0.0
     for n, w in originals.items():
         m = model.get_submodule(n)
         deq = m.dequantized_weight() if isinstance(m, QLinear) else m.weight.float()
+        if isinstance(m, QLinear) and m.input_rotation:  # Q(W R) -> Q(W R) R^T, comparable with W
+            from quantkit.passes.rotate.hadamard import rotate
+
+            deq = rotate(deq.double(), m.input_rotation, inverse=True).float()
         err += (deq - w.float()).square().sum().item()
         ref += w.float().square().sum().item()
     return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(names)}
 
 
-def _igs(act_fmt, st, dtype):
-    return None if act_fmt is None else act_fmt.activation_global_scale(st["amax"].to(dtype).reshape(1))
+def _igs(act_fmt, st, dtype, rot: int = 0):
+    amax = st[f"amax_rot{rot}" if rot else "amax"]  # an online rotation quantizes x R
+    return None if act_fmt is None else act_fmt.activation_global_scale(amax.to(dtype).reshape(1))
 
 
 def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
@@ -276,7 +287,7 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
                 h = rotate(rotate(h.double(), cfg["rot"]).T, cfg["rot"]).float()
             qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                   act_order=cfg["act_order"], weighting=cfg["weighting"])
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype), torch.float32, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, cfg["rot"], dense)
         outs = []
         for args, kwargs in store:
             y = layer(*args, **kwargs)
@@ -294,10 +305,13 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
         cfg = parse_spec(spec)
         names = Targets().select(model, arch_info(model))
         need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
-        if "stats" not in cache or (need_h and not cache.get("has_h")):
+        rots = (cfg["rot"],) if cfg["rot"] and SCHEMES[cfg["scheme"]][1] is not None else ()
+        if "stats" not in cache or (need_h and not cache.get("has_h")) or not set(rots) <= cache.get("rots", set()):
             t0 = time.time()
-            cache["stats"] = collect_stats(model, names, calib, hessian=need_h)
-            cache["has_h"] = need_h
+            cache["stats"] = collect_stats(model, names, calib, hessian=need_h or cache.get("has_h", False),
+                                           rots=tuple(sorted(set(rots) | cache.get("rots", set()))))
+            cache["has_h"] = need_h or cache.get("has_h", False)
+            cache["rots"] = set(rots) | cache.get("rots", set())
             cache["stats_s"] = round(time.time() - t0, 1)
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
@@ -468,6 +482,69 @@ def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row
     return rows
 
 
+def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev: torch.Tensor, on_row=None) -> list[dict]:
+    """The ppl rows' weight-only specs (scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN]) scored as gptq_knobs
+    scores: relative output error on the development text, one layer's linears at a time. A rotation is scored in
+    its own frame: with W' = W R and E' = Q(W') - W', the error E = E' R^T gives tr(E H E^T) = tr(E' R^T H R E'^T)."""
+    from quantkit.passes.gptq.solver import gptq_quantize
+    from quantkit.passes.rotate.hadamard import rotate
+
+    model, _ = load_model("smollm2-135m", dtype="float32")
+    model.eval()
+    h_cal, h_dev = _layer_hessians(model, layers, calib), _layer_hessians(model, layers, dev)
+    arch = arch_info(model)
+    rows = []
+    for spec in specs:
+        cfg = parse_spec(spec)
+        fmt_name, act = SCHEMES[cfg["scheme"]]
+        if act is not None:
+            raise ValueError(f"{spec}: layer-level rows are weight-only (the activation quantizer is not modelled)")
+        fmt = get_format(fmt_name)
+        b = cfg["rot"]
+        turn = (lambda h: rotate(rotate(h.double(), b).T, b).float()) if b else (lambda h: h)
+        weights = {n: (rotate(model.get_submodule(n).weight.detach(), b) if b else model.get_submodule(n).weight.detach())
+                   .to(torch.bfloat16) for n in h_cal}  # the checkpoint's dtype, rotated before rounding as the pass does
+        view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=weights[n]))
+        gs = Quantize(format=fmt_name)._global_scales(view, SimpleNamespace(arch=arch), list(h_cal))
+        t = time.time()
+        err = ref = 0.0
+        for n in h_cal:
+            w, hc, hd = weights[n], turn(h_cal[n]), turn(h_dev[n])
+            if cfg["gptq"]:
+                qt, _ = gptq_quantize(fmt, w, hc, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
+                                      act_order=cfg["act_order"], weighting=cfg["weighting"])
+            else:
+                imp = {"none": None, "channel": hc.diagonal().clone(), "hessian": hc}[cfg["weighting"]]
+                qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
+            e = fmt.dequantize(qt, torch.float32) - w.float()
+            err += float((e @ hd * e).sum())
+            ref += float((w.float() @ hd * w.float()).sum())
+        rows.append({"config": spec, **cfg, "dev_rel_output_err": err / ref, "seconds": round(time.time() - t, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        if on_row:
+            on_row(rows)
+    return rows
+
+
+def write_layer_configs(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
+    out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": os.getloadavg()}}
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [f"# Layer-level configs on SmolLM2-135M layers {layers} (all 7 linears each)", "",
+             "Relative output error on the development split, sum tr(E H_dev E^T) / sum tr(W H_dev W^T), E = Q(W) - W "
+             "(a rotated config: in its rotated frame, the same quantity); GPTQ and the Hessian weighting use the "
+             f"{CALIB_SAMPLES} x {SEQ_LEN} calibration windows; inputs from the unquantized model. Lower is better.", "",
+             "| config | scheme | observer | weighting | GPTQ | rotation | dev rel. output err | vs first row | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = rows[0]["dev_rel_output_err"]
+    for r in rows:
+        gptq = f"damp {r['damp']}{', act-order' if r['act_order'] else ''}" if r["gptq"] else "-"
+        lines.append(f"| `{r['config']}` | {r['scheme']} | {r['observer']} | {r['weighting']} | {gptq} | "
+                     f"{r['rot'] or '-'} | {r['dev_rel_output_err']:.5f} | {r['dev_rel_output_err'] / base:.3f} | {r['seconds']} |")
+    lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; load average "
+              f"at start {env['machine']['loadavg_start']}, at write {out['environment']['loadavg_now']}."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
     out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": os.getloadavg()}}
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -568,6 +645,9 @@ def write(out: dict, name: str) -> None:
         ci = r.get("heldout_delta_5_95")
         ratio = lambda k: f"{d / pe[k]:.2f}" if d is not None and pe.get(k) else "-"  # noqa: E731
         cost = r.get("calib_quant_s", r.get("quantize_s", "-"))
+        if "part" in r:  # a merged table: which process measured it (and any earlier rerun with the same NLLs)
+            cost = f"{cost} ({r['part'].removeprefix('fp4_quality_')})" + "".join(
+                f"; earlier {e['calib_quant_s']} ({e['part'].removeprefix('fp4_quality_')})" for e in r.get("earlier_runs", []))
         rcol = (f"Hadamard {r['rot']} (bench)" if r.get("rot") else
                 "-" if r.get("tool") == "llm-compressor" or r["config"] == "bf16" else rotation_column(r["scheme"]))
         lines.append(
@@ -601,6 +681,26 @@ def write(out: dict, name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def merge_rows(stems: list[str], parts: list[dict]) -> list[dict]:
+    """Every part's rows, in order, each tagged with its part. A config measured again in a later part with the
+    same per-window NLLs (a rerun, e.g. for a same-run timing) is one row: the later measurement, which lists
+    the earlier parts' calibration + quantization times under `earlier_runs`. Different NLLs stay two rows."""
+    rows: list[dict] = []
+    for stem, part in zip(stems, parts):
+        for r in part["rows"]:
+            r = r | {"part": stem}
+            same = next((i for i, q in enumerate(rows) if q["config"] == r["config"]
+                         and q.get("heldout_nll") == r.get("heldout_nll") and q.get("dev_nll") == r.get("dev_nll")), None)
+            if same is None:
+                rows.append(r)
+            else:
+                old = rows[same]
+                r["earlier_runs"] = [*old.get("earlier_runs", []),
+                                     {"part": old["part"], "calib_quant_s": old.get("calib_quant_s", old.get("quantize_s"))}]
+                rows[same] = r
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser()
@@ -616,11 +716,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gptq-knobs", default="", help="decoder layers (e.g. 5,20): the GPTQ knob table instead of ppl rows")
     p.add_argument("--knob-set", default="", help="with --gptq-knobs: FORMAT:OBSERVER,... instead of every "
                    "format x observer of GPTQ_KNOBS (e.g. nvfp4:e4m3_local)")
+    p.add_argument("--layer-configs", default="", help="with --gptq-knobs: weight-only --configs specs scored at "
+                   "those layers (output error on dev text) instead of the knob grid")
     p.add_argument("--merge", default="", help="stems of earlier result JSONs (same windows) to combine into --name")
     args = p.parse_args(argv)
     if args.merge:  # processes run side by side on the shared machine, one table
         parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge.split(",")]
-        out = parts[0] | {"rows": [r for part in parts for r in part["rows"]], "merged_from": {
+        out = parts[0] | {"rows": merge_rows(args.merge.split(","), parts), "merged_from": {
             m: part["environment"] for m, part in zip(args.merge.split(","), parts)}}
         out["tiny"] = next((part["tiny"] for part in parts if part.get("tiny")), [])
         out["stats_s"] = next((part["stats_s"] for part in parts if part.get("stats_s")), None)
@@ -647,6 +749,10 @@ def main(argv: list[str] | None = None) -> dict:
         for item in filter(None, args.knob_set.split(",")):
             f, o = item.split(":")
             knobs[f] = (*knobs.get(f, ()), o)
+        if args.layer_configs:
+            rows = layer_configs(layers, args.layer_configs.split(","), calib, windows_of(tok, dev_texts, 8, None),
+                                 on_row=lambda rs: write_layer_configs(rs, layers, env, args.name))
+            return {"rows": rows}
         rows = gptq_knobs(layers, calib, windows_of(tok, dev_texts, 8, None),
                           on_row=lambda rs: write_gptq(rs, layers, env, args.name), knobs=knobs or None)
         return {"rows": rows}

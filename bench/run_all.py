@@ -34,7 +34,26 @@ _S4_PARTS = {
     "fp4_quality_s5e": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao,nvfp4:minmax:none"],
     "fp4_quality_s5f": ["--configs", "", "--peers", "NVFP4:rtn"],
     "fp4_quality_s5g": ["--configs", "mxfp4:minmax:none,mxfp4:mx_exp:hessian:gptq:damp=0.1:ao"],
+    "fp4_quality_s6e": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao"],  # rerun: same-run time with s6a
+    "fp4_quality_s6a": ["--configs", "", "--peers", "NVFP4:gptq_mse"],
+    "fp4_quality_s6b": ["--configs", "", "--peers", "MXFP4:rtn"],
+    "fp4_quality_s6c": ["--configs", "", "--peers", "MXFP4:gptq_mse"],
+    "fp4_quality_s6d": ["--configs", "", "--peers", "NVFP4A16:quip_gptq"],
+    "fp4_quality_s6f": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot32,mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot64"],
 }
+# layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
+# slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
+_GQ = "gptq:damp=0.1:ao"
+_LAYER_SPECS = ",".join([
+    "mxfp4a16:minmax:none", "mxfp4a16:mx_exp:none", "mxfp4a16:mx_exp:channel", "mxfp4a16:mx_exp:hessian",
+    *(f"mxfp4a16:mx_exp:hessian:gptq:damp={d}:ao" for d in ("0.01", "0.03", "0.1", "0.3")),
+    "mxfp4a16:mx_exp:hessian:gptq:damp=0.1", "mxfp4a16:minmax:none:gptq:damp=0.1:ao",
+    "mxfp4a16:minmax:none:rot32", "mxfp4a16:mx_exp:hessian:rot32",
+    *(f"mxfp4a16:mx_exp:hessian:{_GQ}:rot{b}" for b in (16, 32, 64)),
+    "nvfp4a16:minmax:none", "nvfp4a16:e4m3_local:none", "nvfp4a16:four_over_six:none", "nvfp4a16:range_mse:none",
+    "nvfp4a16:e4m3_local:channel", "nvfp4a16:e4m3_local:hessian", f"nvfp4a16:e4m3_local:hessian:{_GQ}",
+    "nvfp4a16:minmax:none:rot16", *(f"nvfp4a16:e4m3_local:hessian:{_GQ}:rot{b}" for b in (16, 32, 64)),
+])
 _RULES = ",".join(f"mxfp4a16{r}:minmax:none" for r in ("", "_floor", "_rceil", "_ceil"))
 
 JOBS: dict[str, list[tuple[str, list[str]]]] = {
@@ -48,6 +67,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                        ("bench_fp4_quality", ["--merge", ",".join(_S4_PARTS), "--name", "fp4_quality_s4"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
+    "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
+                                                  "--name", "fp4_quality_layers"])],
     "fp4_rules": [("bench_fp4_quality", [*_Q16, "--configs", f"bf16,{_RULES}", "--name", "fp4_rules"])],
     "llm_int8": [("bench_llm_int8", [])],
     "quantvla": [("bench_quantvla", [])],
