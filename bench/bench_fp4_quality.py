@@ -40,6 +40,7 @@ from quantkit.formats.observers import OBSERVERS  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
 from quantkit.nn.qlinear import QLinear  # noqa: E402
 from quantkit.passes.quantize import Quantize  # noqa: E402
+from quantkit.passes.rotate.hadamard import rotate  # noqa: E402
 from quantkit.targets import Targets, set_module  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -107,8 +108,6 @@ def collect_stats(model, names: list[str], calib: torch.Tensor, hessian: bool = 
     """Per linear: E[x^2] per input channel [in], amax of |x| (scalar) and, when asked, X^T X [in, in] (fp32;
     the costly part on 2 shared cores, so configs that do not weigh by it skip it) and the amax of the rotated
     input x R per rotation block in rots (an online rotation's activation global scale)."""
-    from quantkit.passes.rotate.hadamard import rotate
-
     stats: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     tokens = {"n": 0}
 
@@ -161,10 +160,13 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
+def _rotated_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
+    """R^T H R (H symmetric): the second moment of the rotated input x R."""
+    return rotate(rotate(h.double(), block).T, block).float()
+
+
 def _rotate_weights(model, names: list[str], block: int) -> None:
     """W -> W R in place (bf16 storage, as a rotated checkpoint would hold before quantization)."""
-    from quantkit.passes.rotate.hadamard import rotate
-
     for n in names:
         lin = model.get_submodule(n)
         lin.weight.data = rotate(lin.weight.data, block)
@@ -174,8 +176,6 @@ def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: di
     """Put the quantized weight in place. With a rotation, y = (x R) Q(W R)^T = x (Q(W R) R^T)^T: weight-only,
     the effective dense weight Q(W R) R^T in fp32 is exact to what an online-transform runtime computes; with an
     activation quantizer, a QLinear that rotates its input online before quantizing it (as the rotate pass's)."""
-    from quantkit.passes.rotate.hadamard import rotate
-
     lin = model.get_submodule(n)
     if rot and act is None:
         fmt = get_format(qt.format)
@@ -214,8 +214,6 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
         m = model.get_submodule(n)
         deq = m.dequantized_weight() if isinstance(m, QLinear) else m.weight.float()
         if isinstance(m, QLinear) and m.input_rotation:  # Q(W R) -> Q(W R) R^T, comparable with W
-            from quantkit.passes.rotate.hadamard import rotate
-
             deq = rotate(deq.double(), m.input_rotation, inverse=True).float()
         err += (deq - w.float()).square().sum().item()
         ref += w.float().square().sum().item()
@@ -223,8 +221,10 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
 
 
 def _igs(act_fmt, st, dtype, rot: int = 0):
+    if act_fmt is None:
+        return None
     amax = st[f"amax_rot{rot}" if rot else "amax"]  # an online rotation quantizes x R
-    return None if act_fmt is None else act_fmt.activation_global_scale(amax.to(dtype).reshape(1))
+    return act_fmt.activation_global_scale(amax.to(dtype).reshape(1))
 
 
 def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
@@ -232,9 +232,7 @@ def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
         return None
     imp = st["sq" if cfg["weighting"] == "channel" else "h"]
     if cfg["rot"]:  # statistics of the rotated input x R: E[(xR)^2] needs the full X^T X
-        from quantkit.passes.rotate.hadamard import rotate
-
-        h = rotate(rotate(st["h"].double(), cfg["rot"]).T, cfg["rot"]).float()  # R^T H R (H symmetric)
+        h = _rotated_hessian(st["h"], cfg["rot"])
         imp = h.diagonal().clone() if cfg["weighting"] == "channel" else h
     return imp
 
@@ -243,8 +241,6 @@ def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
 def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -> None:
     """Sequential GPTQ: layer i's Hessians come from the outputs of layers < i already quantized."""
     from quantkit.passes.gptq.solver import gptq_quantize
-    from quantkit.passes.rotate.hadamard import rotate
-
     arch = arch_info(model)
     layers = arch.layers(model)
     store: list = []
@@ -284,7 +280,7 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             h = hs.pop(n)
             if cfg["rot"]:  # the rotated linear sees x R: its Hessian is R^T H R
-                h = rotate(rotate(h.double(), cfg["rot"]).T, cfg["rot"]).float()
+                h = _rotated_hessian(h, cfg["rot"])
             qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                   act_order=cfg["act_order"], weighting=cfg["weighting"])
             _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, cfg["rot"], dense)
@@ -305,13 +301,13 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
         cfg = parse_spec(spec)
         names = Targets().select(model, arch_info(model))
         need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
-        rots = (cfg["rot"],) if cfg["rot"] and SCHEMES[cfg["scheme"]][1] is not None else ()
-        if "stats" not in cache or (need_h and not cache.get("has_h")) or not set(rots) <= cache.get("rots", set()):
+        have_h, have_rots = cache.get("collected", (False, frozenset()))
+        act_rot = {cfg["rot"]} if cfg["rot"] and SCHEMES[cfg["scheme"]][1] is not None else set()
+        want = (have_h or need_h, have_rots | act_rot)  # what this and earlier configs need
+        if "stats" not in cache or want != (have_h, have_rots):
             t0 = time.time()
-            cache["stats"] = collect_stats(model, names, calib, hessian=need_h or cache.get("has_h", False),
-                                           rots=tuple(sorted(set(rots) | cache.get("rots", set()))))
-            cache["has_h"] = need_h or cache.get("has_h", False)
-            cache["rots"] = set(rots) | cache.get("rots", set())
+            cache["stats"] = collect_stats(model, names, calib, hessian=want[0], rots=tuple(sorted(want[1])))
+            cache["collected"] = want
             cache["stats_s"] = round(time.time() - t0, 1)
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
@@ -449,37 +445,21 @@ def _layer_hessians(model, layers: list[int], windows: torch.Tensor) -> dict[str
 def gptq_knobs(layers: list[int], calib: torch.Tensor, dev: torch.Tensor, on_row=None,
                knobs: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
     """Relative output error sum tr(E H_dev E^T) / sum tr(W H_dev W^T) over the layers' linears, E = Q(W) - W,
-    GPTQ fed the calibration Hessians and scored on the development text's (choice on dev, as the ppl rows)."""
-    from quantkit.passes.gptq.solver import gptq_quantize
-
-    model, _ = load_model("smollm2-135m", dtype="float32")
-    model.eval()
-    h_cal, h_dev = _layer_hessians(model, layers, calib), _layer_hessians(model, layers, dev)
-    arch = arch_info(model)
-    rows = []
+    GPTQ fed the calibration Hessians and scored on the development text's (choice on dev, as the ppl rows):
+    every observer of a format as RTN and as GPTQ x damping x act-order, scored by layer_configs."""
+    specs = []
     for fmt_name, observers in (knobs or GPTQ_KNOBS).items():
-        fmt = get_format(fmt_name)
-        bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
-        gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), list(h_cal))
-        configs = [(o, None, False) for o in observers] + [(o, d, ao) for o in observers for d in DAMPINGS for ao in (False, True)]
-        for obs, damp, ao in configs:
-            t = time.time()
-            err = ref = 0.0
-            for n in h_cal:
-                w = model.get_submodule(n).weight.detach().to(torch.bfloat16)
-                if damp is None:
-                    qt = OBSERVERS.get(obs)(fmt, w, gs.get(n))
-                else:
-                    qt, _ = gptq_quantize(fmt, w, h_cal[n], gs.get(n), dampening=damp, observer=obs, act_order=ao)
-                e = fmt.dequantize(qt, torch.float32) - w.float()
-                err += float((e @ h_dev[n] * e).sum())
-                ref += float((w.float() @ h_dev[n] * w.float()).sum())
-            rows.append({"format": fmt_name, "observer": obs, "gptq": damp is not None, "damp": damp, "act_order": ao,
-                         "dev_rel_output_err": err / ref, "seconds": round(time.time() - t, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-            if on_row:
-                on_row(rows)
-    return rows
+        specs += [f"{fmt_name}a16:{o}:none" for o in observers]
+        specs += [f"{fmt_name}a16:{o}:none:gptq:damp={d}" + (":ao" if ao else "")
+                  for o in observers for d in DAMPINGS for ao in (False, True)]
+
+    def knob_rows(rows: list[dict]) -> list[dict]:
+        return [{"format": SCHEMES[r["scheme"]][0], "observer": r["observer"], "gptq": r["gptq"],
+                 "damp": r["damp"] if r["gptq"] else None, "act_order": r["act_order"],
+                 "dev_rel_output_err": r["dev_rel_output_err"], "seconds": r["seconds"]} for r in rows]
+
+    rows = layer_configs(layers, specs, calib, dev, on_row=(lambda rs: on_row(knob_rows(rs))) if on_row else None)
+    return knob_rows(rows)
 
 
 def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev: torch.Tensor, on_row=None) -> list[dict]:
@@ -487,8 +467,6 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
     scores: relative output error on the development text, one layer's linears at a time. A rotation is scored in
     its own frame: with W' = W R and E' = Q(W') - W', the error E = E' R^T gives tr(E H E^T) = tr(E' R^T H R E'^T)."""
     from quantkit.passes.gptq.solver import gptq_quantize
-    from quantkit.passes.rotate.hadamard import rotate
-
     model, _ = load_model("smollm2-135m", dtype="float32")
     model.eval()
     h_cal, h_dev = _layer_hessians(model, layers, calib), _layer_hessians(model, layers, dev)
@@ -501,7 +479,7 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
             raise ValueError(f"{spec}: layer-level rows are weight-only (the activation quantizer is not modelled)")
         fmt = get_format(fmt_name)
         b = cfg["rot"]
-        turn = (lambda h: rotate(rotate(h.double(), b).T, b).float()) if b else (lambda h: h)
+        turn = (lambda h: _rotated_hessian(h, b)) if b else (lambda h: h)
         weights = {n: (rotate(model.get_submodule(n).weight.detach(), b) if b else model.get_submodule(n).weight.detach())
                    .to(torch.bfloat16) for n in h_cal}  # the checkpoint's dtype, rotated before rounding as the pass does
         view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=weights[n]))
@@ -526,9 +504,17 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
     return rows
 
 
-def write_layer_configs(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
-    out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": os.getloadavg()}}
+def _write_layer_file(rows: list[dict], layers: list[int], env: dict, name: str, lines: list[str]) -> None:
+    """A layer-level results file: the rows as JSON, the table lines plus the provenance footer as markdown."""
+    now = os.getloadavg()
+    out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": now}}
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [*lines, "", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; load "
+             f"average at start {env['machine']['loadavg_start']}, at write {now}."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def write_layer_configs(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
     lines = [f"# Layer-level configs on SmolLM2-135M layers {layers} (all 7 linears each)", "",
              "Relative output error on the development split, sum tr(E H_dev E^T) / sum tr(W H_dev W^T), E = Q(W) - W "
              "(a rotated config: in its rotated frame, the same quantity); GPTQ and the Hessian weighting use the "
@@ -540,14 +526,10 @@ def write_layer_configs(rows: list[dict], layers: list[int], env: dict, name: st
         gptq = f"damp {r['damp']}{', act-order' if r['act_order'] else ''}" if r["gptq"] else "-"
         lines.append(f"| `{r['config']}` | {r['scheme']} | {r['observer']} | {r['weighting']} | {gptq} | "
                      f"{r['rot'] or '-'} | {r['dev_rel_output_err']:.5f} | {r['dev_rel_output_err'] / base:.3f} | {r['seconds']} |")
-    lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; load average "
-              f"at start {env['machine']['loadavg_start']}, at write {out['environment']['loadavg_now']}."]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _write_layer_file(rows, layers, env, name, lines)
 
 
 def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> None:
-    out = {"layers": layers, "rows": rows, "environment": env | {"loadavg_now": os.getloadavg()}}
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# GPTQ knobs on SmolLM2-135M layers {layers} (all 7 linears each)", "",
              "Relative output error on the development split, sum tr(E H_dev E^T) / sum tr(W H_dev W^T), E = Q(W) - W; "
              f"GPTQ Hessians from the {CALIB_SAMPLES} x {SEQ_LEN} calibration windows; inputs from the unquantized model "
@@ -560,9 +542,7 @@ def write_gptq(rows: list[dict], layers: list[int], env: dict, name: str) -> Non
         lines.append(f"| {r['format']} | {r['observer']} | {'GPTQ' if r['gptq'] else 'RTN'} | {r['damp'] or '-'} | "
                      f"{'yes' if r['act_order'] else 'no'} | {r['dev_rel_output_err']:.5f} | "
                      f"{r['dev_rel_output_err'] / base['dev_rel_output_err']:.3f} | {r['seconds']} |")
-    lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; load average "
-              f"at start {env['machine']['loadavg_start']}, at write {out['environment']['loadavg_now']}."]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _write_layer_file(rows, layers, env, name, lines)
 
 
 # -- output -----------------------------------------------------------------------------------
