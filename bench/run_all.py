@@ -40,6 +40,15 @@ _S4_PARTS = {
     "fp4_quality_s6c": ["--configs", "", "--peers", "MXFP4:gptq_mse"],
     "fp4_quality_s6d": ["--configs", "", "--peers", "NVFP4A16:quip_gptq"],
     "fp4_quality_s6f": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot32,mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot64"],
+    # session 7: online block-Hadamard rotations at W4A4, QuIP+GPTQ peers at the other schemes, NVFP4 W4A4 knobs
+    "fp4_quality_s7a": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao:rot16"],
+    "fp4_quality_s7b": ["--configs", "mxfp4:mx_exp:hessian:gptq:damp=0.1:ao:rot32"],
+    "fp4_quality_s7c": ["--configs", "mxfp4:mx_exp:hessian:gptq:damp=0.1:ao:rot64"],
+    "fp4_quality_s7d": ["--configs", "mxfp4:mx_exp:hessian:gptq:damp=0.1:ao:rot16"],
+    "fp4_quality_s7e": ["--configs", "", "--peers", "MXFP4A16:quip_gptq"],
+    "fp4_quality_s7f": ["--configs", "", "--peers", "MXFP4:quip_gptq"],
+    "fp4_quality_s7g": ["--configs", "", "--peers", "NVFP4:quip_gptq"],
+    "fp4_quality_s7h": ["--configs", "nvfp4:four_over_six:hessian:gptq:damp=0.1:ao,nvfp4:e4m3_local:hessian:gptq:damp=0.05:ao"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)

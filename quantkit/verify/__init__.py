@@ -91,7 +91,8 @@ def _loaded_checks(ckpt: Checkpoint, result: VerifyResult, run: bool, ref, dynam
     ("it runs") and the evaluation against the source's reference; then quantkit's runtime, loaded
     after transformers' copy and the reference are released."""
     from quantkit.verify import eval_checks
-    from quantkit.verify.run_checks import check_forward, check_runtime, first_line, load_in_transformers
+    from quantkit.verify.run_checks import (apply_online_transforms, check_forward, check_runtime, first_line,
+                                           load_in_transformers)
 
     model, failure = load_in_transformers(ckpt)
     if model is None:
@@ -99,6 +100,14 @@ def _loaded_checks(ckpt: Checkpoint, result: VerifyResult, run: bool, ref, dynam
             result.error("run.load", f"does not load in transformers: {failure}")
         if ref is not None:
             eval_checks.report(result, None, "eval.load", f"the checkpoint does not load ({failure})")
+        return
+    try:
+        if apply_online_transforms(ckpt, model):
+            result.warn("run.transform", "transformers' from_pretrained ignores transform_config, so plain "
+                        "transformers gives wrong outputs on this checkpoint; the run and eval checks apply the "
+                        "online transforms with compressed-tensors' apply_transform_config after loading, as vLLM does")
+    except Exception as e:  # noqa: BLE001 - a transform compressed-tensors cannot apply is the finding
+        result.error("run.transform", f"compressed-tensors cannot apply its transform_config: {first_line(e)}")
         return
     ran = check_forward(ckpt, result, model) if run else None
     scores, why = None, ""

@@ -76,6 +76,39 @@ def load_in_transformers(ckpt: Checkpoint):
         return None, first_line(e)
 
 
+def apply_online_transforms(ckpt: Checkpoint, model) -> int:
+    """Apply the checkpoint's online transforms to a model transformers loaded; -> how many schemes.
+
+    transformers' from_pretrained ignores `transform_config` (docs/rotation.md), so a checkpoint with online
+    rotations runs wrong there. vLLM applies them: the offline parts (location weight_*) are already in the
+    stored weights and only the online ones (input, output, ...) run. This does the same with
+    compressed-tensors' own apply_transform_config, an implementation independent of quantkit's runtime,
+    then loads each transform matrix the checkpoint stores (a randomized Hadamard's signs live only there).
+    """
+    raw = ckpt.qc.get("transform_config") or {}
+    groups = {}
+    for name, scheme in (raw.get("config_groups") or {}).items():
+        online = [a for a in scheme.get("apply", []) if not str(a.get("location", "")).startswith("weight")]
+        if online:
+            groups[name] = {**scheme, "apply": online}
+    if not groups:
+        return 0
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+    apply_transform_config(model, TransformConfig.model_validate({"config_groups": groups}))
+    for name, module in model.named_modules():
+        key, t = f"{name}.weight", getattr(module, "weight", None)
+        if not (isinstance(t, torch.Tensor) and name.rsplit(".", 1)[-1].split("_", 1)[0] in groups and ckpt.has(key)):
+            continue
+        stored = ckpt.get(key)
+        if stored.shape != t.shape:
+            raise ModelLoadError(f"transform tensor {key} is {tuple(stored.shape)} in the checkpoint, "
+                                 f"compressed-tensors builds {tuple(t.shape)}")
+        if not torch.equal(stored.to(t.dtype), t):  # compressed-tensors shares one matrix per size: unshare it
+            module.weight = torch.nn.Parameter(stored.to(t.dtype), requires_grad=False)
+    return len(groups)
+
+
 def check_forward(ckpt: Checkpoint, result: VerifyResult,
                   model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The loaded checkpoint's forward on a short input -> (ids, logits, the same forward in fp32)

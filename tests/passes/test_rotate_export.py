@@ -96,8 +96,33 @@ def test_transformers_ignores_the_transform_and_attach_fixes_it(tmp_path):
     assert torch.equal(_logprobs(loaded), ours)
 
 
-def test_verify_cheap_checks_pass_and_the_transformers_run_is_flagged(tmp_path):
+def test_verify_applies_compressed_tensors_transforms_and_flags_plain_transformers(tmp_path):
     _quantized(tmp_path, online=True, fuse_vo=False)
+    assert verify_checkpoint(tmp_path, cheap=True).ok
+    full = verify_checkpoint(tmp_path)
+    assert full.ok, [f.message for f in full.errors]
+    assert any(f.check == "run.transform" and "ignores transform_config" in f.message for f in full.warnings)
+
+
+def test_compressed_tensors_transforms_on_transformers_equal_quantkit_runtime(tmp_path):
+    from quantkit.verify.checkpoint import Checkpoint
+    from quantkit.verify.run_checks import apply_online_transforms
+
+    model = _quantized(tmp_path, online=True, fuse_vo=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert apply_online_transforms(Checkpoint(tmp_path), loaded) == 1
+    assert torch.equal(_logprobs(loaded), _logprobs(model))
+
+
+def test_verify_fails_when_a_stored_transform_matrix_is_wrong(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _quantized(tmp_path, online=True, fuse_vo=False)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(f)
+    key = "model.layers.0.mlp.down_proj.v_input.weight"
+    tensors[key] = tensors[key].flip(0).contiguous()  # still +-1 and the right size: only the run can tell
+    save_file(tensors, f, metadata={"format": "pt"})
     assert verify_checkpoint(tmp_path, cheap=True).ok
     full = verify_checkpoint(tmp_path)
     assert not full.ok and any(f.check == "run.runtime" for f in full.errors)
