@@ -17,6 +17,7 @@ writes bench/results/<--name, default fp4_quality>.json and .md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -142,13 +143,15 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:asym][:damp=X][:rotN] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
     for f in flags:
         if f == "gptq":
             out["gptq"] = True
+        elif f == "asym":  # GPTQ's target is the unquantized model's output from the quantized model's inputs
+            out["asym"] = True
         elif f == "ao":
             out["act_order"] = True
         elif f.startswith("damp="):
@@ -166,10 +169,13 @@ def _rotated_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _rotate_weights(model, names: list[str], block: int) -> None:
-    """W -> W R in place (bf16 storage, as a rotated checkpoint would hold before quantization)."""
+    """W -> W R in place (bf16 storage, as a rotated checkpoint would hold before quantization), and x -> x R by a
+    forward pre-hook, so the model computes what it computed before until each linear is quantized (GPTQ's
+    sequential Hessians run the not-yet-quantized linears; without the hook they saw W R applied to x)."""
     for n in names:
         lin = model.get_submodule(n)
         lin.weight.data = rotate(lin.weight.data, block)
+        lin._bench_rot_hook = lin.register_forward_pre_hook(lambda _m, args, b=block: (rotate(args[0], b), *args[1:]))
 
 
 def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: dict) -> QLinear | None:
@@ -178,6 +184,7 @@ def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: di
     activation quantizer, a QLinear that rotates its input online before quantizing it (as the rotate pass's)."""
     lin = model.get_submodule(n)
     if rot and act is None:
+        lin._bench_rot_hook.remove()  # the dense weight below is the unrotated Q(W R) R^T
         fmt = get_format(qt.format)
         dense[n] = rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True).float()
         lin.weight.data = dense[n].to(lin.weight.dtype)  # model dtype while later layers are calibrated
@@ -259,8 +266,16 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
     finally:
         hk.remove()
     chosen = set(names)
+    asym = cfg.get("asym", False)
+    fp_store = list(store)  # asym: the unquantized model's inputs to each layer (equal at the embedding)
     for idx, layer in enumerate(layers):
         mine = sorted(n for n in chosen if n.startswith(f"{arch.layers_path}.{idx}."))
+        if asym:
+            if cfg["rot"] or act_fmt is None:
+                raise ValueError("asym: W4A4 without rotation only")
+            fp_layer = copy.deepcopy(layer)
+            asym_stats = _asym_stats(layer, fp_layer, store, fp_store, mine, arch, act_fmt, stats)
+            fp_store = [((_out(fp_layer(*a, **k)), *a[1:]), k) for a, k in fp_store]
         hs: dict[str, torch.Tensor] = {}
 
         def hook_for(name):
@@ -269,26 +284,70 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
                 hs[name] = hs.get(name, 0) + x.T @ x
             return hook
 
-        hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in mine]
+        hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in mine] if not asym else []
         try:
-            for args, kwargs in store:
+            for args, kwargs in ([] if asym else store):
                 layer(*args, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
         for n in mine:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
-            h = hs.pop(n)
-            if cfg["rot"]:  # the rotated linear sees x R: its Hessian is R^T H R
-                h = _rotated_hessian(h, cfg["rot"])
+            if asym:  # min |W X - W' Q|^2 + lambda |W' - W|^2 = |(W* - W') Q|^2 + lambda |W* - W'|^2 + const,
+                # W* = W (X Q^T + lambda I)(Q Q^T + lambda I)^-1 (Q = Q(X~)); W* = W when Q = X
+                cross, h = asym_stats.pop(n)
+                hd = h.double()
+                eye = cfg["damp"] * hd.diagonal().mean() * torch.eye(hd.shape[0], dtype=hd.dtype)
+                w = torch.linalg.solve(hd + eye, (w.double() @ (cross.double() + eye)).T).T.float()  # symmetric
+            else:
+                h = hs.pop(n)
+            # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
             qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                   act_order=cfg["act_order"], weighting=cfg["weighting"])
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32, cfg["rot"],
+                     dense)
         outs = []
         for args, kwargs in store:
             y = layer(*args, **kwargs)
             outs.append(((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs))
         store = outs
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _asym_stats(layer, fp_layer, store, fp_store, mine, arch, act_fmt, stats) -> dict:
+    """Per linear of one layer: (X_fp^T Q(X~), Q(X~)^T Q(X~)), X_fp its input in the unquantized model, X~ in the
+    quantized one (earlier layers quantized), Q the W4A4 activation quantizer; batch by batch, paired by token."""
+    prefix = f"{arch.layers_path}."
+    seen: dict[str, dict[str, torch.Tensor]] = {"fp": {}, "q": {}}
+
+    def hook_for(kind, name):
+        def hook(_m, args):
+            seen[kind][name] = args[0].reshape(-1, args[0].shape[-1]).float()
+        return hook
+
+    hooks = []
+    for n in mine:
+        local = n[len(prefix):].split(".", 1)[1]  # the name inside the layer
+        hooks.append(layer.get_submodule(local).register_forward_pre_hook(hook_for("q", n)))
+        hooks.append(fp_layer.get_submodule(local).register_forward_pre_hook(hook_for("fp", n)))
+    out: dict[str, list] = {}
+    try:
+        for (a, k), (fa, fk) in zip(store, fp_store):
+            layer(*a, **k)
+            fp_layer(*fa, **fk)
+            for n in mine:
+                igs = _igs(act_fmt, stats[n], torch.bfloat16)
+                q = act_fmt.fake_activation(seen["q"][n], igs).float()
+                acc = out.setdefault(n, [0, 0])
+                acc[0] = acc[0] + seen["fp"][n].T @ q
+                acc[1] = acc[1] + q.T @ q
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: tuple(v) for n, v in out.items()}
 
 
 def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
@@ -585,7 +644,8 @@ def _method(r: dict) -> str:
         return "bf16"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
     rot = f" + Hadamard {r['rot']}" if r.get("rot") else ""
-    return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
+    asym = " asymmetric" if r.get("asym") else ""
+    return f"{r['observer']} / {r['weighting']} / {gptq}{asym}{rot}"
 
 
 def write(out: dict, name: str) -> None:
