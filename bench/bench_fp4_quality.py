@@ -150,6 +150,8 @@ def parse_spec(spec: str) -> dict:
     for f in flags:
         if f == "gptq":
             out["gptq"] = True
+        elif f == "rsign":  # random +-1 signs before the Hadamard (QuIP's random Hadamard); weight-only
+            out["rsign"] = True
         elif f == "asym":  # GPTQ's target is the unquantized model's output from the quantized model's inputs
             out["asym"] = True
         elif f == "ao":
@@ -168,14 +170,17 @@ def _rotated_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
     return rotate(rotate(h.double(), block).T, block).float()
 
 
-def _rotate_weights(model, names: list[str], block: int) -> None:
+def _rotate_weights(model, names: list[str], block: int, signs: dict | None = None) -> None:
     """W -> W R in place (bf16 storage, as a rotated checkpoint would hold before quantization), and x -> x R by a
     forward pre-hook, so the model computes what it computed before until each linear is quantized (GPTQ's
     sequential Hessians run the not-yet-quantized linears; without the hook they saw W R applied to x)."""
     for n in names:
         lin = model.get_submodule(n)
-        lin.weight.data = rotate(lin.weight.data, block)
-        lin._bench_rot_hook = lin.register_forward_pre_hook(lambda _m, args, b=block: (rotate(args[0], b), *args[1:]))
+        s = signs[n] if signs else torch.ones(lin.in_features, dtype=lin.weight.dtype)  # R = diag(s) H
+        lin.weight.data = rotate(lin.weight.data * s, block)
+        lin._bench_rot_sign = s
+        lin._bench_rot_hook = lin.register_forward_pre_hook(
+            lambda _m, args, b=block, s=s: (rotate(args[0] * s.to(args[0].dtype), b), *args[1:]))
 
 
 def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: dict) -> QLinear | None:
@@ -186,7 +191,7 @@ def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: di
     if rot and act is None:
         lin._bench_rot_hook.remove()  # the dense weight below is the unrotated Q(W R) R^T
         fmt = get_format(qt.format)
-        dense[n] = rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True).float()
+        dense[n] = (rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True) * lin._bench_rot_sign.double()).float()
         lin.weight.data = dense[n].to(lin.weight.dtype)  # model dtype while later layers are calibrated
         return None
     q = QLinear(qt, lin.bias, mode="fake", act_format=act, input_global_scale=igs, compute_dtype=dtype)
@@ -200,8 +205,13 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
     fmt, arch = get_format(fmt_name), arch_info(model)
     names = Targets().select(model, arch)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    if cfg.get("rsign") and (act is not None or not cfg["rot"] or not cfg["gptq"]):
+        raise ValueError("rsign: weight-only rotated GPTQ rows only")
     if cfg["rot"]:
-        _rotate_weights(model, names, cfg["rot"])
+        g = torch.Generator().manual_seed(0)
+        signs = {n: (torch.randint(0, 2, (model.get_submodule(n).in_features,), generator=g) * 2 - 1).float()
+                 for n in names} if cfg.get("rsign") else None
+        _rotate_weights(model, names, cfg["rot"], signs)
     bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
     gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), names)  # as export: from bf16
     act_fmt = None if act is None else get_format(act)
@@ -643,7 +653,7 @@ def _method(r: dict) -> str:
     if r["config"] == "bf16":
         return "bf16"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
-    rot = f" + Hadamard {r['rot']}" if r.get("rot") else ""
+    rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
     asym = " asymmetric" if r.get("asym") else ""
     return f"{r['observer']} / {r['weighting']} / {gptq}{asym}{rot}"
 
