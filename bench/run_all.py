@@ -49,6 +49,8 @@ _S4_PARTS = {
     "fp4_quality_s7f": ["--configs", "", "--peers", "MXFP4:quip_gptq"],
     "fp4_quality_s7g": ["--configs", "", "--peers", "NVFP4:quip_gptq"],
     "fp4_quality_s7h": ["--configs", "nvfp4:four_over_six:hessian:gptq:damp=0.1:ao,nvfp4:e4m3_local:hessian:gptq:damp=0.05:ao"],
+    "fp4_quality_s7i": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot64:rsign"],
+    "fp4_quality_s7j": ["--configs", "nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot16,nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot64"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
