@@ -630,23 +630,6 @@ def bootstrap_delta(nll: list[float], base: list[float], n: int = 2000, seed: in
     return float(d.quantile(0.05)), float(d.quantile(0.95))
 
 
-def rotation_column(scheme: str) -> str:
-    """The rotate pass's own bench (bench/results/rotate.json, another engineer's): its best held-out Δ at
-    this scheme against its own bf16 row, or 'not measured'."""
-    f = RESULTS / "rotate.json"
-    if not f.exists():
-        return "not measured"
-    rows = json.loads(f.read_text()).get("rows", [])
-    base = next((r for r in rows if r.get("scheme") == "bf16" and "heldout_ppl" in r), None)
-    mine = [r for r in rows if r.get("scheme") == scheme and "heldout_ppl" in r and r.get("kind") != "rtn"]
-    if not base or not mine:
-        return "not measured"
-    best = min(mine, key=lambda r: r["heldout_ppl"])
-    rtn = next((r for r in rows if r.get("scheme") == scheme and r.get("kind") == "rtn" and "heldout_ppl" in r), None)
-    vs = f", {(best['heldout_ppl'] - base['heldout_ppl']) / (rtn['heldout_ppl'] - base['heldout_ppl']):.2f}x its RTN" if rtn else ""
-    return f"rotate.json (own windows): {best.get('kind', '?')} Δ {best['heldout_ppl'] - base['heldout_ppl']:+.3f}{vs}"
-
-
 def _method(r: dict) -> str:
     if r.get("tool") == "llm-compressor":
         return f"llm-compressor {r['method']}"
@@ -698,8 +681,8 @@ def write(out: dict, name: str) -> None:
         if "part" in r:  # a merged table: which process measured it (and any earlier rerun with the same NLLs)
             cost = f"{cost} ({r['part'].removeprefix('fp4_quality_')})" + "".join(
                 f"; earlier {e['calib_quant_s']} ({e['part'].removeprefix('fp4_quality_')})" for e in r.get("earlier_runs", []))
-        rcol = (f"Hadamard {r['rot']} (bench)" if r.get("rot") else
-                "-" if r.get("tool") == "llm-compressor" or r["config"] == "bf16" else rotation_column(r["scheme"]))
+        rcol = (f"{'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']} (online)" if r.get("rot") else
+                "QuIP: random Hadamard 64 in + out" if r.get("method") == "quip_gptq" else "none")
         lines.append(
             f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | "
             f"{r['weight_rel_err']:.4f} | " if "weight_rel_err" in r else
