@@ -287,14 +287,7 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
             asym_stats = _asym_stats(layer, fp_layer, store, fp_store, mine, arch, act_fmt, stats)
             fp_store = [((_out(fp_layer(*a, **k)), *a[1:]), k) for a, k in fp_store]
         hs: dict[str, torch.Tensor] = {}
-
-        def hook_for(name):
-            def hook(_m, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                hs[name] = hs.get(name, 0) + x.T @ x
-            return hook
-
-        hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in mine] if not asym else []
+        hooks = [] if asym else _hessian_hooks(model, mine, hs)
         try:
             for args, kwargs in ([] if asym else store):
                 layer(*args, **kwargs)
@@ -321,6 +314,17 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
             y = layer(*args, **kwargs)
             outs.append(((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs))
         store = outs
+
+
+def _hessian_hooks(model, names: list[str], hs: dict) -> list:
+    """Forward pre-hooks that add each named linear's X^T X (fp32) into hs[name]; -> their handles."""
+    def hook_for(name):
+        def hook(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            hs[name] = hs.get(name, 0) + x.T @ x
+        return hook
+
+    return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
 
 
 def _out(y):
@@ -494,14 +498,7 @@ def _layer_hessians(model, layers: list[int], windows: torch.Tensor) -> dict[str
     arch = arch_info(model)
     names = [n for n in Targets().select(model, arch) if any(n.startswith(f"{arch.layers_path}.{i}.") for i in layers)]
     hs: dict[str, torch.Tensor] = {}
-
-    def hook_for(name):
-        def hook(_m, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            hs[name] = hs.get(name, 0) + x.T @ x
-        return hook
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    hooks = _hessian_hooks(model, names, hs)
     try:
         for i in range(0, windows.shape[0], 4):
             model(input_ids=windows[i : i + 4], use_cache=False, logits_to_keep=1)
