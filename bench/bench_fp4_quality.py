@@ -17,7 +17,6 @@ writes bench/results/<--name, default fp4_quality>.json and .md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -143,7 +142,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:asym][:damp=X][:rotN] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -152,8 +151,6 @@ def parse_spec(spec: str) -> dict:
             out["gptq"] = True
         elif f == "rsign":  # random +-1 signs before the Hadamard (QuIP's random Hadamard); weight-only
             out["rsign"] = True
-        elif f == "asym":  # GPTQ's target is the unquantized model's output from the quantized model's inputs
-            out["asym"] = True
         elif f == "ao":
             out["act_order"] = True
         elif f.startswith("damp="):
@@ -276,34 +273,19 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
     finally:
         hk.remove()
     chosen = set(names)
-    asym = cfg.get("asym", False)
-    fp_store = list(store)  # asym: the unquantized model's inputs to each layer (equal at the embedding)
     for idx, layer in enumerate(layers):
         mine = sorted(n for n in chosen if n.startswith(f"{arch.layers_path}.{idx}."))
-        if asym:
-            if cfg["rot"] or act_fmt is None:
-                raise ValueError("asym: W4A4 without rotation only")
-            fp_layer = copy.deepcopy(layer)
-            asym_stats = _asym_stats(layer, fp_layer, store, fp_store, mine, arch, act_fmt, stats)
-            fp_store = [((_out(fp_layer(*a, **k)), *a[1:]), k) for a, k in fp_store]
         hs: dict[str, torch.Tensor] = {}
-        hooks = [] if asym else _hessian_hooks(model, mine, hs)
+        hooks = _hessian_hooks(model, mine, hs)
         try:
-            for args, kwargs in ([] if asym else store):
+            for args, kwargs in store:
                 layer(*args, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
         for n in mine:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
-            if asym:  # min |W X - W' Q|^2 + lambda |W' - W|^2 = |(W* - W') Q|^2 + lambda |W* - W'|^2 + const,
-                # W* = W (X Q^T + lambda I)(Q Q^T + lambda I)^-1 (Q = Q(X~)); W* = W when Q = X
-                cross, h = asym_stats.pop(n)
-                hd = h.double()
-                eye = cfg["damp"] * hd.diagonal().mean() * torch.eye(hd.shape[0], dtype=hd.dtype)
-                w = torch.linalg.solve(hd + eye, (w.double() @ (cross.double() + eye)).T).T.float()  # symmetric
-            else:
-                h = hs.pop(n)
+            h = hs.pop(n)
             # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
             qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                   act_order=cfg["act_order"], weighting=cfg["weighting"])
@@ -325,43 +307,6 @@ def _hessian_hooks(model, names: list[str], hs: dict) -> list:
         return hook
 
     return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
-
-
-def _asym_stats(layer, fp_layer, store, fp_store, mine, arch, act_fmt, stats) -> dict:
-    """Per linear of one layer: (X_fp^T Q(X~), Q(X~)^T Q(X~)), X_fp its input in the unquantized model, X~ in the
-    quantized one (earlier layers quantized), Q the W4A4 activation quantizer; batch by batch, paired by token."""
-    prefix = f"{arch.layers_path}."
-    seen: dict[str, dict[str, torch.Tensor]] = {"fp": {}, "q": {}}
-
-    def hook_for(kind, name):
-        def hook(_m, args):
-            seen[kind][name] = args[0].reshape(-1, args[0].shape[-1]).float()
-        return hook
-
-    hooks = []
-    for n in mine:
-        local = n[len(prefix):].split(".", 1)[1]  # the name inside the layer
-        hooks.append(layer.get_submodule(local).register_forward_pre_hook(hook_for("q", n)))
-        hooks.append(fp_layer.get_submodule(local).register_forward_pre_hook(hook_for("fp", n)))
-    out: dict[str, list] = {}
-    try:
-        for (a, k), (fa, fk) in zip(store, fp_store):
-            layer(*a, **k)
-            fp_layer(*fa, **fk)
-            for n in mine:
-                igs = _igs(act_fmt, stats[n], torch.bfloat16)
-                q = act_fmt.fake_activation(seen["q"][n], igs).float()
-                acc = out.setdefault(n, [0, 0])
-                acc[0] = acc[0] + seen["fp"][n].T @ q
-                acc[1] = acc[1] + q.T @ q
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: tuple(v) for n, v in out.items()}
 
 
 def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
@@ -634,8 +579,7 @@ def _method(r: dict) -> str:
         return "bf16"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
-    asym = " asymmetric" if r.get("asym") else ""
-    return f"{r['observer']} / {r['weighting']} / {gptq}{asym}{rot}"
+    return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
 
 
 def write(out: dict, name: str) -> None:
