@@ -85,10 +85,12 @@ def apply_online_transforms(ckpt: Checkpoint, model) -> int:
     compressed-tensors' own apply_transform_config, an implementation independent of quantkit's runtime,
     then loads each transform matrix the checkpoint stores (a randomized Hadamard's signs live only there).
     """
+    from quantkit.verify.transform_checks import ONLINE
+
     raw = ckpt.qc.get("transform_config") or {}
     groups = {}
     for name, scheme in (raw.get("config_groups") or {}).items():
-        online = [a for a in scheme.get("apply", []) if not str(a.get("location", "")).startswith("weight")]
+        online = [a for a in scheme.get("apply", []) if a.get("location") in ONLINE]
         if online:
             groups[name] = {**scheme, "apply": online}
     if not groups:
@@ -96,9 +98,11 @@ def apply_online_transforms(ckpt: Checkpoint, model) -> int:
     from compressed_tensors.transform import TransformConfig, apply_transform_config
 
     apply_transform_config(model, TransformConfig.model_validate({"config_groups": groups}))
+    # compressed-tensors registers each as submodule <linear>.<scheme>_<location> (transform_checks.py)
+    submodules = {f"{g}_{a['location']}" for g, scheme in groups.items() for a in scheme["apply"]}
     for name, module in model.named_modules():
         key, t = f"{name}.weight", getattr(module, "weight", None)
-        if not (isinstance(t, torch.Tensor) and name.rsplit(".", 1)[-1].split("_", 1)[0] in groups and ckpt.has(key)):
+        if not (name.rsplit(".", 1)[-1] in submodules and isinstance(t, torch.Tensor) and ckpt.has(key)):
             continue
         stored = ckpt.get(key)
         if stored.shape != t.shape:
