@@ -173,11 +173,12 @@ def _rotate_weights(model, names: list[str], block: int, signs: dict | None = No
     sequential Hessians run the not-yet-quantized linears; without the hook they saw W R applied to x)."""
     for n in names:
         lin = model.get_submodule(n)
-        s = signs[n] if signs else torch.ones(lin.in_features, dtype=lin.weight.dtype)  # R = diag(s) H
-        lin.weight.data = rotate(lin.weight.data * s, block)
+        s = signs[n] if signs else None  # R = diag(s) H; no multiply at all without signs
+        lin.weight.data = rotate(lin.weight.data if s is None else lin.weight.data * s, block)
         lin._bench_rot_sign = s
         lin._bench_rot_hook = lin.register_forward_pre_hook(
-            lambda _m, args, b=block, s=s: (rotate(args[0] * s.to(args[0].dtype), b), *args[1:]))
+            lambda _m, args, b=block, s=s: (rotate(args[0] if s is None else args[0] * s.to(args[0].dtype), b),
+                                            *args[1:]))
 
 
 def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: dict) -> QLinear | None:
@@ -188,7 +189,10 @@ def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: di
     if rot and act is None:
         lin._bench_rot_hook.remove()  # the dense weight below is the unrotated Q(W R) R^T
         fmt = get_format(qt.format)
-        dense[n] = (rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True) * lin._bench_rot_sign.double()).float()
+        dense[n] = rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True)
+        if lin._bench_rot_sign is not None:
+            dense[n] = dense[n] * lin._bench_rot_sign.double()
+        dense[n] = dense[n].float()
         lin.weight.data = dense[n].to(lin.weight.dtype)  # model dtype while later layers are calibrated
         return None
     q = QLinear(qt, lin.bias, mode="fake", act_format=act, input_global_scale=igs, compute_dtype=dtype)
