@@ -142,7 +142,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -151,6 +151,8 @@ def parse_spec(spec: str) -> dict:
             out["gptq"] = True
         elif f == "rsign":  # random +-1 signs before the Hadamard (QuIP's random Hadamard); weight-only
             out["rsign"] = True
+        elif f == "rotsel":  # per input-sharing group: keep the rotation only where it lowers the calibration error
+            out["rotsel"] = True
         elif f == "ao":
             out["act_order"] = True
         elif f.startswith("damp="):
@@ -208,6 +210,12 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     if cfg.get("rsign") and (act is not None or not cfg["rot"] or not cfg["gptq"]):
         raise ValueError("rsign: weight-only rotated GPTQ rows only")
+    if cfg.get("rotsel") and (not cfg["rot"] or not cfg["gptq"] or cfg.get("rsign")):
+        raise ValueError("rotsel: rotated GPTQ rows without random signs only")
+    gs_plain = None
+    if cfg.get("rotsel"):  # the unrotated alternative's global scales, as export takes them: from bf16
+        plain_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=originals[n].to(torch.bfloat16)))
+        gs_plain = Quantize(format=fmt_name)._global_scales(plain_view, SimpleNamespace(arch=arch), names)
     if cfg["rot"]:
         g = torch.Generator().manual_seed(0)
         signs = {n: (torch.randint(0, 2, (model.get_submodule(n).in_features,), generator=g) * 2 - 1).float()
@@ -217,8 +225,10 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
     gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), names)  # as export: from bf16
     act_fmt = None if act is None else get_format(act)
     dense: dict[str, torch.Tensor] = {}  # fp32 effective weights of rotated linears
+    chosen_rot: dict[str, bool] = {}
     if cfg["gptq"]:
-        _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense)
+        alt = None if gs_plain is None else {"gs": gs_plain, "w": originals, "chosen": chosen_rot}
+        _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, alt)
     else:
         for n in names:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
@@ -235,7 +245,10 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
             deq = rotate(deq.double(), m.input_rotation, inverse=True).float()
         err += (deq - w.float()).square().sum().item()
         ref += w.float().square().sum().item()
-    return {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(names)}
+    out = {"weight_rel_err": (err / ref) ** 0.5, "n_linears": len(names)}
+    if chosen_rot:
+        out["rotated_linears"] = sum(chosen_rot.values())
+    return out
 
 
 def _igs(act_fmt, st, dtype, rot: int = 0):
@@ -256,8 +269,12 @@ def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
 
 
 @torch.inference_mode()
-def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -> None:
-    """Sequential GPTQ: layer i's Hessians come from the outputs of layers < i already quantized."""
+def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, alt: dict | None = None) -> None:
+    """Sequential GPTQ: layer i's Hessians come from the outputs of layers < i already quantized.
+
+    alt (`:rotsel`): per input-sharing group (fused q/k/v, gate/up; o and down alone) GPTQ runs both rotated and
+    unrotated, and the group keeps the one whose layer outputs on the calibration inputs are closer to the
+    unquantized weights' (|X W^T - Q(X)|^2 summed over the group, activation quantizer included)."""
     from quantkit.passes.gptq.solver import gptq_quantize
     arch = arch_info(model)
     layers = arch.layers(model)
@@ -281,12 +298,20 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
         mine = sorted(n for n in chosen if n.startswith(f"{arch.layers_path}.{idx}."))
         hs: dict[str, torch.Tensor] = {}
         hooks = _hessian_hooks(model, mine, hs)
+        xs: dict[str, list] = {}
+        if alt is not None:  # the unrotated inputs: these hooks run before the rotation hooks
+            hooks += [model.get_submodule(n).register_forward_pre_hook(
+                lambda _m, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float()),
+                prepend=True) for n in mine]
         try:
             for args, kwargs in store:
                 layer(*args, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
+        if alt is not None:
+            _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt)
+            mine = []
         for n in mine:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             h = hs.pop(n)
@@ -300,6 +325,46 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense) -
             y = layer(*args, **kwargs)
             outs.append(((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs))
         store = outs
+
+
+def _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt) -> None:
+    """`:rotsel` for one layer: GPTQ each group rotated and unrotated, install the variant with the lower error."""
+    from quantkit.passes.gptq.solver import gptq_quantize
+    fused = [g for g in arch.fused_groups(idx) if all(n in mine for n in g)]
+    grouped = {n for g in fused for n in g}
+    groups = fused + [[n] for n in mine if n not in grouped]
+    rot = cfg["rot"]
+    for group in groups:
+        variants = {}
+        for r in (rot, 0):
+            qts, err = {}, 0.0
+            for n in group:
+                x = torch.cat(xs[n])  # [T, in], unrotated
+                w_plain = alt["w"][n].to(torch.bfloat16)
+                w = model.get_submodule(n).weight.detach().to(torch.bfloat16) if r else w_plain
+                h = hs[n] if r else x.T @ x
+                qt, _ = gptq_quantize(fmt, w, h, (gs if r else alt["gs"]).get(n), dampening=cfg["damp"],
+                                      observer=cfg["observer"], act_order=cfg["act_order"], weighting=cfg["weighting"])
+                q = QLinear(qt, None, mode="fake", act_format=act, input_global_scale=_igs(act_fmt, stats[n],
+                            torch.bfloat16, r), compute_dtype=torch.float32)
+                q.input_rotation = r or None
+                for i in range(0, x.shape[0], 2048):
+                    xb = x[i : i + 2048]
+                    err += (q(xb).float() - xb @ w_plain.float().T).square().sum().item()
+                qts[n] = qt
+            variants[r] = (err, qts)
+        r = rot if variants[rot][0] <= variants[0][0] else 0
+        for n in group:
+            if not r:  # back to the unrotated weight and input; _install replaces the module (and its hook)
+                lin = model.get_submodule(n)
+                lin._bench_rot_hook.remove()
+                lin.weight.data = alt["w"][n].clone()
+            alt["chosen"][n] = bool(r)
+            _install(model, n, variants[r][1][n], act, _igs(act_fmt, stats[n], torch.bfloat16, r), torch.float32, r,
+                     dense)
+        for n in group:
+            hs.pop(n, None)
+            xs.pop(n, None)
 
 
 def _hessian_hooks(model, names: list[str], hs: dict) -> list:
@@ -583,6 +648,8 @@ def _method(r: dict) -> str:
         return "bf16"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
+    if r.get("rotsel"):
+        rot += f" where it helps ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
     return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
 
 
