@@ -142,7 +142,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -151,6 +151,8 @@ def parse_spec(spec: str) -> dict:
             out["gptq"] = True
         elif f == "rsign":  # random +-1 signs before the Hadamard (QuIP's random Hadamard); weight-only
             out["rsign"] = True
+        elif f == "ts":  # true-sequential GPTQ inside each layer (q/k/v, then o, then gate/up, then down)
+            out["ts"] = True
         elif f == "rotsel":  # per input-sharing group: keep the rotation only where it lowers the calibration error
             out["rotsel"] = True
         elif f == "ao":
@@ -295,31 +297,34 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
         hk.remove()
     chosen = set(names)
     for idx, layer in enumerate(layers):
-        mine = sorted(n for n in chosen if n.startswith(f"{arch.layers_path}.{idx}."))
-        hs: dict[str, torch.Tensor] = {}
-        hooks = _hessian_hooks(model, mine, hs)
-        xs: dict[str, list] = {}
-        if alt is not None:  # the unrotated inputs: these hooks run before the rotation hooks
-            hooks += [model.get_submodule(n).register_forward_pre_hook(
-                lambda _m, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float()),
-                prepend=True) for n in mine]
-        try:
-            for args, kwargs in store:
-                layer(*args, **kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
-        if alt is not None:
-            _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt)
-            mine = []
-        for n in mine:
-            w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
-            h = hs.pop(n)
-            # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
-            qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
-                                  act_order=cfg["act_order"], weighting=cfg["weighting"])
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32, cfg["rot"],
-                     dense)
+        in_layer = [n for n, _role, _kind in arch.linears(idx) if n in chosen]  # forward order
+        # :ts (true-sequential) - one stage per group of linears sharing an input, in forward order, each stage's
+        # Hessians taken after the stages before it are quantized; otherwise the whole layer at once
+        for mine in (_input_groups(arch, idx, in_layer) if cfg.get("ts") else [sorted(in_layer)]):
+            hs: dict[str, torch.Tensor] = {}
+            hooks = _hessian_hooks(model, mine, hs)
+            xs: dict[str, list] = {}
+            if alt is not None:  # the unrotated inputs: these hooks run before the rotation hooks
+                hooks += [model.get_submodule(n).register_forward_pre_hook(
+                    lambda _m, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float()),
+                    prepend=True) for n in mine]
+            try:
+                for args, kwargs in store:
+                    layer(*args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            if alt is not None:
+                _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt)
+                mine = []
+            for n in mine:
+                w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
+                h = hs.pop(n)
+                # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
+                qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
+                                      act_order=cfg["act_order"], weighting=cfg["weighting"])
+                _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32,
+                         cfg["rot"], dense)
         outs = []
         for args, kwargs in store:
             y = layer(*args, **kwargs)
@@ -327,12 +332,21 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
         store = outs
 
 
+def _input_groups(arch, idx: int, names: list[str]) -> list[list[str]]:
+    """names (in forward order) as groups sharing one input: fused groups (q/k/v, gate/up) and single linears."""
+    fused = {n: g for g in arch.fused_groups(idx) if all(m in names for m in g) for n in g}
+    out: list[list[str]] = []
+    for n in names:
+        g = fused.get(n, [n])
+        if g not in out:
+            out.append(g)
+    return out
+
+
 def _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt) -> None:
     """`:rotsel` for one layer: GPTQ each group rotated and unrotated, install the variant with the lower error."""
     from quantkit.passes.gptq.solver import gptq_quantize
-    fused = [g for g in arch.fused_groups(idx) if all(n in mine for n in g)]
-    grouped = {n for g in fused for n in g}
-    groups = fused + [[n] for n in mine if n not in grouped]
+    groups = _input_groups(arch, idx, mine)
     rot = cfg["rot"]
     for group in groups:
         variants = {}
@@ -648,6 +662,8 @@ def _method(r: dict) -> str:
         return "bf16"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
+    if r.get("ts"):
+        gptq += " true-sequential"
     if r.get("rotsel"):
         rot += f" where it helps ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
     return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
