@@ -153,8 +153,8 @@ def parse_spec(spec: str) -> dict:
             out["rsign"] = True
         elif f == "ts":  # true-sequential GPTQ inside each layer (q/k/v, then o, then gate/up, then down)
             out["ts"] = True
-        elif f == "rotsel":  # per input-sharing group: keep the rotation only where it lowers the calibration error
-            out["rotsel"] = True
+        elif f in ("rotsel", "rotsel=norm"):  # per input-sharing group: keep the rotation only where it lowers the
+            out["rotsel"] = f.partition("=")[2] or True  # calibration output error (=norm: per-token relative)
         elif f == "ao":
             out["act_order"] = True
         elif f.startswith("damp="):
@@ -364,7 +364,11 @@ def _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine,
                 q.input_rotation = r or None
                 for i in range(0, x.shape[0], 2048):
                     xb = x[i : i + 2048]
-                    err += (q(xb).float() - xb @ w_plain.float().T).square().sum().item()
+                    ref = xb @ w_plain.float().T
+                    e = (q(xb).float() - ref).square().sum(-1)
+                    if cfg.get("rotsel") == "norm":  # each token's error relative to its output: a few massive
+                        e = e / ref.square().sum(-1).clamp_min(1e-12)  # tokens (the first ones) do not decide
+                    err += e.sum().item()
                 qts[n] = qt
             variants[r] = (err, qts)
         r = rot if variants[rot][0] <= variants[0][0] else 0
@@ -665,7 +669,8 @@ def _method(r: dict) -> str:
     if r.get("ts"):
         gptq += " true-sequential"
     if r.get("rotsel"):
-        rot += f" where it helps ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
+        crit = ", token-relative error" if r["rotsel"] == "norm" else ""
+        rot += f" where it helps{crit} ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
     return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
 
 
