@@ -659,6 +659,17 @@ def bootstrap_delta(nll: list[float], base: list[float], n: int = 2000, seed: in
     return float(d.quantile(0.05)), float(d.quantile(0.95))
 
 
+def bootstrap_ratio(nll: list[float], peer: list[float], base: list[float], n: int = 4000,
+                    seed: int = 0) -> tuple[float, float]:
+    """5-95% interval of Δppl / peer's Δppl (both vs base) over held-out windows resampled with replacement,
+    the same resample for all three: how firmly a goal ratio is met or missed on this many windows."""
+    a, p, b = (torch.tensor(x, dtype=torch.float64) for x in (nll, peer, base))
+    idx = torch.randint(0, len(nll), (n, len(nll)), generator=torch.Generator().manual_seed(seed))
+    pb = b[idx].mean(1).exp()
+    r = (a[idx].mean(1).exp() - pb) / (p[idx].mean(1).exp() - pb)
+    return float(r.quantile(0.05)), float(r.quantile(0.95))
+
+
 def _method(r: dict) -> str:
     if r.get("tool") == "llm-compressor":
         return f"llm-compressor {r['method']}"
@@ -690,14 +701,21 @@ def write(out: dict, name: str) -> None:
         if r.get("tool") == "llm-compressor" and "heldout_delta" in r:
             pe = peers.setdefault(r["scheme"], {})
             if r["method"] == "rtn":
-                pe["rtn"] = r["heldout_delta"]
+                pe["rtn"], pe["rtn_nll"] = r["heldout_delta"], r["heldout_nll"]
             if r["heldout_delta"] < pe.get("best", float("inf")):
-                pe["best"], pe["best_method"] = r["heldout_delta"], r["method"]
+                pe["best"], pe["best_method"], pe["best_nll"] = r["heldout_delta"], r["method"], r["heldout_nll"]
+    for r in rows:  # the goal ratios' paired-bootstrap intervals (quantkit rows against this scheme's peer rows)
+        pe = peers.get(r.get("scheme", ""), {})
+        if r.get("tool") == "quantkit" and "heldout_delta" in r and base:
+            for k in ("rtn", "best"):
+                if pe.get(k):
+                    r[f"ratio_{k}_5_95"] = bootstrap_ratio(r["heldout_nll"], pe[f"{k}_nll"], base["heldout_nll"])
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# FP4 quality knobs, {out['model']} ({out['eval']})", "",
              f"Calibration: {out['calib']}. fp32 compute for every row, both tools (weights quantized from the "
              "bf16 values). Development ppl chooses; held-out ppl is reported. Δ = held-out ppl - bf16's; the 5-95% "
-             "interval is a paired bootstrap over the held-out windows.", "",
+             "intervals (of Δ and of the ratios to llm-compressor's Δ) are paired bootstraps over the held-out "
+             "windows.", "",
              "| scheme | method (observer / weighting / GPTQ) | rotation | weight rel. err | dev ppl | dev Δ | held-out ppl "
              "| held-out Δ (5-95%) | Δ / llmc RTN Δ | Δ / best llmc Δ | calib+quant s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -709,7 +727,8 @@ def write(out: dict, name: str) -> None:
         pe = peers.get(r.get("scheme", ""), {})
         d = r.get("heldout_delta")
         ci = r.get("heldout_delta_5_95")
-        ratio = lambda k: f"{d / pe[k]:.2f}" if d is not None and pe.get(k) else "-"  # noqa: E731
+        ratio = lambda k: (f"{d / pe[k]:.2f}" + (f" ({r[f'ratio_{k}_5_95'][0]:.2f}..{r[f'ratio_{k}_5_95'][1]:.2f})"  # noqa: E731
+                           if f"ratio_{k}_5_95" in r else "")) if d is not None and pe.get(k) else "-"
         cost = r.get("calib_quant_s", r.get("quantize_s", "-"))
         if "part" in r:  # a merged table: which process measured it (and any earlier rerun with the same NLLs)
             cost = f"{cost} ({r['part'].removeprefix('fp4_quality_')})" + "".join(
