@@ -14,7 +14,6 @@ from quantkit.formats import get_format
 from quantkit.nn.qlinear import QLinear
 from quantkit.passes.base import register_pass
 from quantkit.errors import QuantkitError, SolverError
-from quantkit.passes.gptq.rotation_choice import candidates, choose_rotations
 from quantkit.passes.gptq.solver import gptq_quantize
 from quantkit.passes.input_stats import input_second_moments
 from quantkit.passes.quantize import Quantize, build_qlinear
@@ -55,13 +54,9 @@ class Gptq(Quantize):
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
                  if not isinstance(blk.model.get_submodule(n), QLinear)]
         if names:
-            state = ctx.scratch[self._key()]
-            state["hessians"] = input_second_moments(blk, names, "hessian")
-            undecided = candidates(blk.model, names)  # rotate select: true
-            state["chosen"] = choose_rotations(self, blk, ctx, undecided, state["hessians"]) if undecided else {}
+            ctx.scratch[self._key()]["hessians"] = input_second_moments(blk, names, "hessian")
             self._quantize_names(blk.model, ctx, names)
-            state.pop("hessians", None)
-            state.pop("chosen", None)
+            ctx.scratch[self._key()].pop("hessians", None)
         # fused MoE experts after the block's linears, from inputs that went through them quantized
         from quantkit.passes.gptq.experts import gptq_block_experts
 
@@ -76,10 +71,6 @@ class Gptq(Quantize):
 
     def _quantized(self, linear: nn.Module, name: str, gscales: dict, igs, ctx) -> QLinear:
         state = ctx.scratch[self._key()]
-        if name in state.get("chosen", {}):  # quantized already, rotated and not, by choose_rotations
-            qt, info = state["chosen"].pop(name)
-            state["losses"][name] = info["loss"]
-            return build_qlinear(linear, qt, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
         try:
             qt, info = gptq_quantize(get_format(self.format), linear_weight(linear).detach(),
                                      state["hessians"].pop(name), gscales.get(name), block_size=self.block_size,
@@ -94,9 +85,7 @@ class Gptq(Quantize):
         return {"method": "gptq"}
 
     def _report_extra(self, ctx) -> dict:
-        state = ctx.scratch[self._key()]
-        losses, kept = state["losses"], state.get("rotation_kept")
-        extra = {} if kept is None else {"rotation_kept": f"{sum(kept.values())}/{len(kept)}"}
-        return {**extra, "observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
+        losses = ctx.scratch[self._key()]["losses"]
+        return {"observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
                 "dampening": self.dampening, "block_size": self.block_size,
                 "gptq_loss_total": round(sum(losses.values()), 6)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from quantkit.passes.base import Pass, register_pass
 from quantkit.passes.rotate.fused import fuse_value_output
@@ -37,9 +37,6 @@ class Rotate(Pass):
     fuse_vo: bool = True  # rotate v_proj's output and o_proj's input per head (offline, exact)
     online: bool = False  # also rotate the inputs of `targets` at run time (compressed-tensors transform_config)
     targets: Targets = Targets()  # the linears that get an online input rotation
-    # keep each online rotation only where the following gptq pass measures a lower calibration output error
-    # (per group of linears sharing an input; gptq/rotation_choice.py); the others stay unrotated
-    select: bool = False
 
     @field_validator("block_size")
     @classmethod
@@ -47,12 +44,6 @@ class Rotate(Pass):
         if v & (v - 1):
             raise ValueError(f"Hadamard block size must be a power of two, got {v}")
         return v
-
-    @model_validator(mode="after")
-    def _select_needs_online(self):
-        if self.select and not self.online:
-            raise ValueError("select: true chooses among online rotations; set online: true")
-        return self
 
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"
@@ -78,13 +69,13 @@ class Rotate(Pass):
         for name in blk.select(state["online"]):
             if name == fused_o:
                 continue  # its input is already rotated by the fused R; a second R would undo it (R R = I)
-            attach_online_rotation(name, blk.model.get_submodule(name), self.block_size, keep_original=self.select)
+            attach_online_rotation(name, blk.model.get_submodule(name), self.block_size)
             state["rotated"] += 1
 
     def finish(self, ctx) -> None:
         state = ctx.scratch[self._key()]
         ctx.record(self.name, block_size=self.block_size, fused_vo_blocks=state["fused"],
-                   online_linears=state["rotated"], select=self.select)
+                   online_linears=state["rotated"])
 
 
 def check_recipe(passes: list, save: bool, layout: str) -> str | None:
@@ -100,11 +91,6 @@ def check_recipe(passes: list, save: bool, layout: str) -> str | None:
     if passes[first].online and any("act_stats" in p.provided_facts() for p in passes[:first]):
         return ("rotate (online) must come before calibrate: activation statistics must be taken on the rotated "
                 "inputs the quantized layers will see")
-    if passes[first].select:
-        after = next((p for p in passes[first + 1:] if "quantized" in p.provided_facts()), None)
-        if after is None or after.name != "gptq":
-            return ("rotate select: true needs a gptq pass as the first quantizing pass after it (gptq measures "
-                    "each group rotated and unrotated and keeps the better)")
     if save and passes[first].online and layout != "compressed-tensors":
         return (f"online rotations are stored as a compressed-tensors transform_config, but this recipe writes a "
                 f"{layout} checkpoint; quantize the rotated linears, set online: false, or output.save: false")
