@@ -51,6 +51,32 @@ _S4_PARTS = {
     "fp4_quality_s7h": ["--configs", "nvfp4:four_over_six:hessian:gptq:damp=0.1:ao,nvfp4:e4m3_local:hessian:gptq:damp=0.05:ao"],
     "fp4_quality_s7i": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot64:rsign"],
     "fp4_quality_s7j": ["--configs", "nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot16,nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot64"],
+    # session 8: per-group rotation choice (:rotsel), true-sequential GPTQ inside a layer (:ts), damping at MXFP4A16
+    "fp4_quality_s8a": ["--configs", "nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot64:rotsel"],
+    "fp4_quality_s8b": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot32:rotsel"],
+    "fp4_quality_s8c": ["--configs", "mxfp4:mx_exp:hessian:gptq:damp=0.1:ao:rot32:rotsel"],
+    "fp4_quality_s8d": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao:rot16:rotsel"],
+    "fp4_quality_s8e": ["--configs", "nvfp4:e4m3_local:hessian:gptq:damp=0.1:ao:ts"],
+    "fp4_quality_s8f": ["--configs", "mxfp4:mx_exp:hessian:gptq:damp=0.1:ao:rot32:ts"],
+    "fp4_quality_s8g": ["--configs", "nvfp4a16:e4m3_local:hessian:gptq:damp=0.1:ao:rot64:ts"],
+    "fp4_quality_s8h": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.1:ao:rot32:ts"],
+    "fp4_quality_s8j": ["--configs", "mxfp4a16:mx_exp:hessian:gptq:damp=0.03:ao:rot32"],
+}
+# session 8: the settings still in contest re-chosen on 32 development windows (the 8 above are their first 8;
+# the held-out windows and so the held-out numbers are the same as in fp4_quality_s4)
+_Q32 = ["--windows", "16", "--dev-windows", "32", "--no-tiny"]
+_G, _M = "e4m3_local:hessian:gptq:damp=0.1:ao", "mx_exp:hessian:gptq:damp=0.1:ao"
+_DEV32_PARTS = {
+    "fp4_quality_d32a": ["--configs", f"bf16,nvfp4a16:{_G}:rot64"],
+    "fp4_quality_d32b": ["--configs", f"nvfp4a16:{_G}"],
+    "fp4_quality_d32c": ["--configs", f"nvfp4a16:{_G}:rot64:ts"],
+    "fp4_quality_d32d": ["--configs", f"nvfp4:{_G}"],
+    "fp4_quality_d32e": ["--configs", f"nvfp4:{_G}:ts"],
+    "fp4_quality_d32f": ["--configs", f"mxfp4a16:{_M}:rot32"],
+    "fp4_quality_d32g": ["--configs", f"mxfp4a16:{_M}:rot32:ts"],
+    "fp4_quality_d32h": ["--configs", f"mxfp4a16:{_M}:rot64"],
+    "fp4_quality_d32i": ["--configs", f"mxfp4:{_M}:rot32"],
+    "fp4_quality_d32j": ["--configs", f"mxfp4:{_M}:rot64"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
@@ -76,6 +102,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_tiny": [("bench_fp4_quality", ["--tiny-only", "--name", "fp4_quality_tiny"])],
     "fp4_quality_s4": [*(("bench_fp4_quality", [*_Q16, "--name", n, *a]) for n, a in _S4_PARTS.items()),
                        ("bench_fp4_quality", ["--merge", ",".join(_S4_PARTS), "--name", "fp4_quality_s4"])],
+    "fp4_quality_dev32": [*(("bench_fp4_quality", [*_Q32, "--name", n, *a]) for n, a in _DEV32_PARTS.items()),
+                          ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--name", "fp4_quality_dev32"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
     "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
