@@ -207,3 +207,57 @@ def test_fast_column_rounding_equals_the_formats_qdq(name):
     for i in range(cols.shape[1]):
         ref = _qdq_column(fmt, cols[:, i], col_scales[:, i], gs)
         assert torch.equal(torch.nan_to_num(fast(cols[:, i], i), nan=7.0), torch.nan_to_num(ref, nan=7.0)), i
+
+
+# -- sequential: true (true-sequential inside a block) ----------------------------------------------
+def test_sequential_stages_follow_the_data_flow():
+    from quantkit.passes.gptq import input_stages
+
+    model = _tiny_llama()
+    ctx = _ctx(model)
+    names = sorted(n for n, _r, _k in ctx.arch.linears(1))  # alphabetical: mlp before self_attn
+    assert [[n.rsplit(".", 1)[1] for n in g] for g in input_stages(ctx, 1, names)] == [
+        ["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_quantized(monkeypatch):
+    import copy
+
+    import quantkit.passes.gptq as gptq_mod
+
+    seen = {}
+
+    def recording(blk, names, kind):
+        out = gptq_mod.input_second_moments.__wrapped__(blk, names, kind)
+        seen.update({n: h.clone() for n, h in out.items()})
+        return out
+
+    recording.__wrapped__ = gptq_mod.input_second_moments
+    monkeypatch.setattr(gptq_mod, "input_second_moments", recording)
+    base, seq = _tiny_llama(), _tiny_llama()
+    Gptq(format="nvfp4", mode="fake", act_order=True).run(base, _ctx(base))
+    h_base = dict(seen)
+    ctx = _ctx(seq)
+    Gptq(format="nvfp4", mode="fake", act_order=True, sequential=True).run(seq, ctx)
+    assert ctx.report["gptq"]["sequential"] is True
+    a0, s0 = base.model.layers[0].self_attn, seq.model.layers[0].self_attn
+    # q/k/v read the block's input, which nothing quantized touches in block 0: the same codes
+    assert all(torch.equal(getattr(a0, n).qweight.codes, getattr(s0, n).qweight.codes)
+               for n in ("q_proj", "k_proj", "v_proj"))
+    # o_proj's Hessian by hand: from an unquantized model whose block-0 q/k/v are the sequential run's
+    ref = _tiny_llama()
+    for n in ("q_proj", "k_proj", "v_proj"):
+        setattr(ref.model.layers[0].self_attn, n, copy.deepcopy(getattr(s0, n)))
+    calib = _ctx(ref).calib  # before the hook: arch_info traces a block forward
+    h = {}
+
+    def hook(_m, a):
+        x = a[0].reshape(-1, a[0].shape[-1]).float()
+        h["h"] = h.get("h", 0) + x.T @ x
+
+    ref.model.layers[0].self_attn.o_proj.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        ref(calib)
+    o = "model.layers.0.self_attn.o_proj"
+    assert torch.allclose(seen[o], h["h"], rtol=1e-4, atol=1e-4 * h["h"].abs().max().item())
+    assert not torch.allclose(h_base[o], h["h"], rtol=1e-3, atol=1e-3 * h["h"].abs().max().item())

@@ -20,6 +20,21 @@ from quantkit.passes.quantize import Quantize, build_qlinear
 from quantkit.targets import linear_weight
 
 
+def input_stages(ctx, index: int, names: list[str]) -> list[list[str]]:
+    """`sequential: true`: names as groups sharing one input (fused q/k/v and gate/up whole, the other linears
+    alone) in data-flow order (the structure's role order: q/k/v before o, gate/up before down; linears it
+    cannot place after them, in call order)."""
+    order = {n: k for k, (n, _role, _kind) in enumerate(ctx.arch.linears(index))} if ctx.arch.blocks else {}
+    names = sorted(names, key=lambda n: order.get(n, len(order)))
+    fused = {n: g for g in ctx.arch.fused_groups(index) if all(m in names for m in g) for n in g}
+    stages: list[list[str]] = []
+    for n in names:
+        g = fused.get(n, [n])
+        if g not in stages:
+            stages.append(g)
+    return stages
+
+
 @register_pass
 class Gptq(Quantize):
     """GPTQ: error-compensating weight quantization from calibration inputs.
@@ -39,6 +54,9 @@ class Gptq(Quantize):
     # 0.01/0.05/0.1, with and without act-order (bench/results/fp4_quality_gptq_s4.md, docs/quality.md)
     dampening: float = Field(0.1, ge=0)
     act_order: bool = False  # static act-order: columns by decreasing diag(H), scales fixed beforehand (solver.py)
+    # true-sequential inside a block: one stage per group of linears sharing an input (q/k/v, o, gate/up, down),
+    # each stage's Hessians taken with the stages before it already quantized; False: the whole block at once
+    sequential: bool = False
 
     def requirements(self) -> frozenset[str]:
         return self.requires | super().requirements()
@@ -53,10 +71,11 @@ class Gptq(Quantize):
     def run_block(self, blk, ctx) -> None:
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
                  if not isinstance(blk.model.get_submodule(n), QLinear)]
-        if names:
-            ctx.scratch[self._key()]["hessians"] = input_second_moments(blk, names, "hessian")
-            self._quantize_names(blk.model, ctx, names)
-            ctx.scratch[self._key()].pop("hessians", None)
+        state = ctx.scratch[self._key()]
+        for stage in (input_stages(ctx, blk.index, names) if self.sequential else [names] if names else []):
+            state["hessians"] = input_second_moments(blk, stage, "hessian")
+            self._quantize_names(blk.model, ctx, stage)
+            state.pop("hessians", None)
         # fused MoE experts after the block's linears, from inputs that went through them quantized
         from quantkit.passes.gptq.experts import gptq_block_experts
 
@@ -87,5 +106,5 @@ class Gptq(Quantize):
     def _report_extra(self, ctx) -> dict:
         losses = ctx.scratch[self._key()]["losses"]
         return {"observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
-                "dampening": self.dampening, "block_size": self.block_size,
+                "dampening": self.dampening, "block_size": self.block_size, "sequential": self.sequential,
                 "gptq_loss_total": round(sum(losses.values()), 6)}
