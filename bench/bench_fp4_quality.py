@@ -39,6 +39,7 @@ from quantkit.formats import get_format  # noqa: E402
 from quantkit.formats.observers import OBSERVERS  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
 from quantkit.nn.qlinear import QLinear  # noqa: E402
+from quantkit.passes.gptq import input_stages  # noqa: E402  (true-sequential stages, the gptq pass's)
 from quantkit.passes.quantize import Quantize  # noqa: E402
 from quantkit.passes.rotate.hadamard import rotate  # noqa: E402
 from quantkit.targets import Targets, set_module  # noqa: E402
@@ -300,7 +301,8 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
         in_layer = [n for n, _role, _kind in arch.linears(idx) if n in chosen]  # forward order
         # :ts (true-sequential) - one stage per group of linears sharing an input, in forward order, each stage's
         # Hessians taken after the stages before it are quantized; otherwise the whole layer at once
-        for mine in (_input_groups(arch, idx, in_layer) if cfg.get("ts") else [sorted(in_layer)]):
+        stages = input_stages(SimpleNamespace(arch=arch), idx, in_layer) if cfg.get("ts") else [sorted(in_layer)]
+        for mine in stages:
             hs: dict[str, torch.Tensor] = {}
             hooks = _hessian_hooks(model, mine, hs)
             xs: dict[str, list] = {}
@@ -332,21 +334,10 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
         store = outs
 
 
-def _input_groups(arch, idx: int, names: list[str]) -> list[list[str]]:
-    """names (in forward order) as groups sharing one input: fused groups (q/k/v, gate/up) and single linears."""
-    fused = {n: g for g in arch.fused_groups(idx) if all(m in names for m in g) for n in g}
-    out: list[list[str]] = []
-    for n in names:
-        g = fused.get(n, [n])
-        if g not in out:
-            out.append(g)
-    return out
-
-
 def _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt) -> None:
     """`:rotsel` for one layer: GPTQ each group rotated and unrotated, install the variant with the lower error."""
     from quantkit.passes.gptq.solver import gptq_quantize
-    groups = _input_groups(arch, idx, mine)
+    groups = input_stages(SimpleNamespace(arch=arch), idx, mine)
     rot = cfg["rot"]
     for group in groups:
         variants = {}
