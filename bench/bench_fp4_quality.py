@@ -143,7 +143,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1[=had|orth]] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -158,6 +158,8 @@ def parse_spec(spec: str) -> dict:
             out["rotsel"] = f.partition("=")[2] or True  # calibration output error (=norm: per-token relative)
         elif f == "ao":
             out["act_order"] = True
+        elif f in ("r1", "r1=had", "r1=orth"):  # residual-stream rotation (QuaRot R1), fused offline
+            out["r1"] = f.partition("=")[2] or "had"
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
         elif f.startswith("rot"):
@@ -165,6 +167,64 @@ def parse_spec(spec: str) -> dict:
         else:
             raise ValueError(f"unknown flag {f!r} in {spec}")
     return out
+
+
+def _paley12() -> torch.Tensor:
+    """A Hadamard matrix of order 12 (Paley's construction, q = 11), +-1 entries."""
+    q = 11
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if a in squares else -1 for a in range(1, q)]
+    jac = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def residual_matrix(d: int, kind: str = "had", seed: int = 0) -> torch.Tensor:
+    """An orthogonal Q [d, d] (float64) for the residual stream. had: diag(random signs) times a Hadamard
+    matrix of order d built as a Kronecker product of Sylvester powers of two and Paley's order 12 (QuaRot's
+    random Hadamard); orth: a Haar-random orthogonal matrix (QR of a Gaussian)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "orth":
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))
+    h, rest = torch.ones(1, 1, dtype=torch.float64), d
+    while rest & (rest - 1) and rest % 12 == 0:  # 576 = 12 * 12 * 4
+        h, rest = torch.kron(h, _paley12()), rest // 12
+    if rest & (rest - 1):
+        raise ValueError(f"no Hadamard construction for residual width {d}")
+    from quantkit.nn.qlinear import sylvester
+    h = torch.kron(h, sylvester(rest, torch.device("cpu")).to(torch.float64)) / math.sqrt(d)
+    signs = (torch.randint(0, 2, (d,), generator=g) * 2 - 1).to(torch.float64)
+    return signs[:, None] * h
+
+
+@torch.no_grad()
+def residual_rotate(model, kind: str = "had") -> None:
+    """QuaRot's R1 fused offline into a Llama-layout model: every norm's weight folded into the linears it
+    feeds (then 1), the residual stream rotated by Q (embeddings E Q; readers W -> W Q; writers W -> Q^T W; the
+    head untied, W_head diag(g) Q). RMSNorm(x Q) = RMSNorm(x) Q, so the function is unchanged; every rewritten
+    tensor is rounded to bf16, as a checkpoint would store it."""
+    lm = model.model
+    q = residual_matrix(model.config.hidden_size, kind)
+
+    def put(mod, w):
+        mod.weight.data = w.to(torch.bfloat16).to(mod.weight.dtype)
+
+    head = model.lm_head.weight.detach().double() * lm.norm.weight.double()
+    model.lm_head.weight = torch.nn.Parameter((head @ q).to(torch.bfloat16).to(lm.norm.weight.dtype))
+    model.config.tie_word_embeddings = False
+    put(lm.embed_tokens, lm.embed_tokens.weight.double() @ q)
+    lm.norm.weight.data.fill_(1.0)
+    for layer in lm.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        for norm, readers, writer in ((layer.input_layernorm, (at.q_proj, at.k_proj, at.v_proj), at.o_proj),
+                                      (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), mlp.down_proj)):
+            g = norm.weight.double()
+            for lin in readers:
+                put(lin, (lin.weight.double() * g) @ q)
+            put(writer, q.T @ writer.weight.double())
+            norm.weight.data.fill_(1.0)
 
 
 def _rotated_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
@@ -393,14 +453,21 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
     model.eval()
     row: dict = {"config": spec, "tool": "quantkit"}
     t = time.time()
-    if spec != "bf16":
+    if spec == "bf16:r1":  # the residual rotation alone, unquantized: its bf16 rounding's cost
+        residual_rotate(model)
+        row["r1"] = "had"
+    elif spec != "bf16":
         cfg = parse_spec(spec)
+        if cfg.get("r1"):
+            residual_rotate(model, cfg["r1"])
         names = Targets().select(model, arch_info(model))
         need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
-        have_h, have_rots = cache.get("collected", (False, frozenset()))
+        have_h, have_rots, have_r1 = cache.get("collected", (False, frozenset(), None))
         act_rot = {cfg["rot"]} if cfg["rot"] and SCHEMES[cfg["scheme"]][1] is not None else set()
-        want = (have_h or need_h, have_rots | act_rot)  # what this and earlier configs need
-        if "stats" not in cache or want != (have_h, have_rots):
+        if cfg.get("r1") != have_r1:  # statistics of another model: start over
+            have_h, have_rots = False, frozenset()
+        want = (have_h or need_h, have_rots | act_rot, cfg.get("r1"))  # what this and earlier configs need
+        if "stats" not in cache or want != (have_h, have_rots, have_r1):
             t0 = time.time()
             cache["stats"] = collect_stats(model, names, calib, hessian=want[0], rots=tuple(sorted(want[1])))
             cache["collected"] = want
@@ -666,10 +733,14 @@ def _method(r: dict) -> str:
         return f"llm-compressor {r['method']}"
     if r["config"] == "bf16":
         return "bf16"
+    if r["config"] == "bf16:r1":
+        return "bf16 + residual rotation"
     gptq = (f"GPTQ damp {r['damp']}" + (" act-order" if r.get("act_order") else "")) if r.get("gptq") else "RTN"
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
     if r.get("ts"):
         gptq += " true-sequential"
+    if r.get("r1"):
+        rot = f" + residual {'random Hadamard' if r['r1'] == 'had' else 'random orthogonal'}" + rot
     if r.get("rotsel"):
         crit = ", token-relative error" if r["rotsel"] == "norm" else ""
         rot += f" where it helps{crit} ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
@@ -726,6 +797,8 @@ def write(out: dict, name: str) -> None:
                 f"; earlier {e['calib_quant_s']} ({e['part'].removeprefix('fp4_quality_')})" for e in r.get("earlier_runs", []))
         rcol = (f"{'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']} (online)" if r.get("rot") else
                 "QuIP: random Hadamard 64 in + out" if r.get("method") == "quip_gptq" else "none")
+        if r.get("r1"):
+            rcol = "residual (offline)" + ("" if rcol == "none" else f" + {rcol}")
         lines.append(
             f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | "
             f"{r['weight_rel_err']:.4f} | " if "weight_rel_err" in r else
