@@ -29,6 +29,15 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 @pytest.fixture
+def cpu_without_bf16_gemm(monkeypatch):
+    """The kernel chooser sees a CPU without native bf16 GEMM (AVX2: bf16 prefill tiles go through fp32),
+    whatever this machine has (AVX512-BF16/AMX CPUs send prefill to the INT4 kernel instead)."""
+    from quantkit.nn.kernels import select
+
+    monkeypatch.setattr(select, "_cpu_bf16", lambda: False)
+
+
+@pytest.fixture
 def tiny_llama():
     torch.manual_seed(0)
     return tiny_model("llama")

@@ -77,7 +77,7 @@ def test_mxfp4_bf16_table_is_exact():
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
-def test_after_conversion_export_state_dict_and_prefill_are_unchanged(name, opt_in):
+def test_after_conversion_export_state_dict_and_prefill_are_unchanged(name, opt_in, cpu_without_bf16_gemm):
     from quantkit.export.compressed_tensors import module_tensors
 
     shape = (208, 160)
@@ -148,7 +148,8 @@ def test_int4x2_layer_holds_no_dense_weight(opt_in):
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4"])
-def test_prefill_tiles_decoded_from_the_int4_layout_are_the_reference_rows(name, opt_in, monkeypatch):
+def test_prefill_tiles_decoded_from_the_int4_layout_are_the_reference_rows(name, opt_in, monkeypatch,
+                                                                          cpu_without_bf16_gemm):
     # after a decode forward converted the codes, prefill decodes 64-row tiles straight from torch's
     # layout (int4_tiled); 208 rows: three full tiles and a 16-row tail (a partial kernel block)
     from quantkit.nn.kernels import int4_tiled, tiled

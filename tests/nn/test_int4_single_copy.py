@@ -64,7 +64,7 @@ def test_decode_forward_keeps_one_copy_of_the_codes(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_after_conversion_every_path_gives_the_same_outputs(shape):
+def test_after_conversion_every_path_gives_the_same_outputs(shape, cpu_without_bf16_gemm):
     _, fresh = _q(shape)
     _, q = _q(shape)
     x1 = torch.randn(1, shape[1], dtype=torch.bfloat16)
