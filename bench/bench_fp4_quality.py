@@ -143,7 +143,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1[=had|orth]] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1[=had|orth]][:awq] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -158,6 +158,8 @@ def parse_spec(spec: str) -> dict:
             out["rotsel"] = f.partition("=")[2] or True  # calibration output error (=norm: per-token relative)
         elif f == "ao":
             out["act_order"] = True
+        elif f == "awq":  # AWQ's per-input-channel scale search, folded into the norms / up_proj offline
+            out["awq"] = True
         elif f in ("r1", "r1=had", "r1=orth"):  # residual-stream rotation (QuaRot R1), fused offline
             out["r1"] = f.partition("=")[2] or "had"
         elif f.startswith("damp="):
@@ -225,6 +227,68 @@ def residual_rotate(model, kind: str = "had") -> None:
                 put(lin, (lin.weight.double() * g) @ q)
             put(writer, q.T @ writer.weight.double())
             norm.weight.data.fill_(1.0)
+
+
+AWQ_GRID = 20  # alpha in 0, 0.05, ..., 1 (alpha 0: no scaling, so the search never loses on its objective)
+
+
+@torch.no_grad()
+def awq_scale(model, cfg: dict, stats: dict) -> dict[str, float]:
+    """AWQ's search per group of linears sharing an input (gate/up, q/k/v) and for down_proj: s = rms(x)^alpha
+    (normalized to geometric mean 1 of its extremes), W -> W diag(s), and 1/s folded into what makes the input
+    (the norm's weight; up_proj's rows for down_proj). alpha minimizes the layer-output error of round-to-nearest
+    with the config's format (and online rotation), tr((W_eff - W) H (W_eff - W)^T), H = X^T X of the unscaled
+    input. o_proj is left alone (its input comes from v_proj through grouped-query heads). -> alpha per group."""
+    fmt_name, _act = SCHEMES[cfg["scheme"]]
+    fmt, rot = get_format(fmt_name), cfg["rot"]
+    chosen: dict[str, float] = {}
+
+    def rnd(t):
+        return t.to(torch.bfloat16).to(torch.float32)
+
+    def err_of(lins: list, names: list[str], sc: torch.Tensor) -> float:
+        h = stats[names[0]]["h"].double()
+        e = 0.0
+        for lin in lins:
+            w = lin.weight.double()
+            ws = w * sc
+            if rot:
+                ws = rotate(ws, rot)
+            deq = fmt.dequantize(fmt.quantize(ws.to(torch.bfloat16)), torch.float64)
+            if rot:
+                deq = rotate(deq, rot, inverse=True)
+            d = deq / sc - w
+            e += ((d @ h) * d).sum().item()
+        return e
+
+    for i, layer in enumerate(model.model.layers):
+        at, mlp, pre = layer.self_attn, layer.mlp, f"model.layers.{i}."
+        for key, lins, fold in (("down", [mlp.down_proj], ("rows", mlp.up_proj)),
+                                ("gate_up", [mlp.gate_proj, mlp.up_proj], ("norm", layer.post_attention_layernorm)),
+                                ("qkv", [at.q_proj, at.k_proj, at.v_proj], ("norm", layer.input_layernorm))):
+            names = [pre + ("mlp." if key != "qkv" else "self_attn.") + n for n in
+                     {"down": ["down_proj"], "gate_up": ["gate_proj", "up_proj"], "qkv": ["q_proj", "k_proj", "v_proj"]}[key]]
+            a = stats[names[0]]["sq"].double().sqrt().clamp_min(1e-6)
+            best = (float("inf"), 0.0, None)
+            for k in range(AWQ_GRID + 1):
+                alpha = k / AWQ_GRID
+                sc = a ** alpha
+                sc = sc / (sc.max() * sc.min()).sqrt()
+                e = err_of(lins, names, sc)
+                if e < best[0]:
+                    best = (e, alpha, sc)
+            _e, alpha, sc = best
+            chosen[pre + key] = alpha
+            if alpha == 0.0:
+                continue
+            for lin in lins:
+                lin.weight.data = rnd(lin.weight.double() * sc)
+            kind, mod = fold
+            if kind == "norm":
+                mod.weight.data = rnd(mod.weight.double() / sc)
+            else:
+                mod.weight.data = rnd(mod.weight.double() / sc[:, None])
+    return chosen
 
 
 def _rotated_hessian(h: torch.Tensor, block: int) -> torch.Tensor:
@@ -460,13 +524,19 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
         cfg = parse_spec(spec)
         if cfg.get("r1"):
             residual_rotate(model, cfg["r1"])
+        if cfg.get("awq"):  # the search reads the unscaled model's statistics (input second moments, X^T X)
+            names0 = Targets().select(model, arch_info(model))
+            alphas = awq_scale(model, cfg, collect_stats(model, names0, calib, hessian=True))
+            row["awq_alpha_mean"] = sum(alphas.values()) / len(alphas)
+            row["awq_scaled_groups"] = sum(1 for v in alphas.values() if v > 0)
         names = Targets().select(model, arch_info(model))
         need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
-        have_h, have_rots, have_r1 = cache.get("collected", (False, frozenset(), None))
+        have_h, have_rots, have_r1 = cache.get("collected", (False, frozenset(), (None, None)))
         act_rot = {cfg["rot"]} if cfg["rot"] and SCHEMES[cfg["scheme"]][1] is not None else set()
-        if cfg.get("r1") != have_r1:  # statistics of another model: start over
+        model_kind = (cfg.get("r1"), cfg.get("awq"))
+        if model_kind != have_r1:  # statistics of another model: start over
             have_h, have_rots = False, frozenset()
-        want = (have_h or need_h, have_rots | act_rot, cfg.get("r1"))  # what this and earlier configs need
+        want = (have_h or need_h, have_rots | act_rot, model_kind)  # what this and earlier configs need
         if "stats" not in cache or want != (have_h, have_rots, have_r1):
             t0 = time.time()
             cache["stats"] = collect_stats(model, names, calib, hessian=want[0], rots=tuple(sorted(want[1])))
@@ -739,6 +809,8 @@ def _method(r: dict) -> str:
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
     if r.get("ts"):
         gptq += " true-sequential"
+    if r.get("awq"):
+        gptq = f"AWQ scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
     if r.get("r1"):
         rot = f" + residual {'random Hadamard' if r['r1'] == 'had' else 'random orthogonal'}" + rot
     if r.get("rotsel"):
