@@ -191,6 +191,11 @@ def _check_plan(where: str, recipe: Recipe) -> None:
     if recipe.output.save:
         _check_folds(where, recipe)
     _check_rotations(where, recipe)
+    from quantkit.passes.awq import check_recipe as check_awq
+
+    problem = check_awq(recipe.passes)
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
 
 
 def _check_rotations(where: str, recipe: Recipe) -> None:
