@@ -902,6 +902,19 @@ def write(out: dict, name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def peer_rows_from(stem: str, rows: list[dict]) -> list[dict]:
+    """The llm-compressor rows of another result file, without their development columns, after checking that it
+    scored the same held-out windows (its bf16 row's per-window NLLs equal these rows' bf16 row's)."""
+    other = json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
+    mine = next(r for r in rows if r["config"] == "bf16")
+    theirs = next(r for r in other if r["config"] == "bf16")
+    if mine["heldout_nll"] != theirs["heldout_nll"]:
+        raise SystemExit(f"--peers-from {stem}: its held-out windows differ from these parts' (bf16 NLLs)")
+    dev_keys = ("dev_nll", "dev_ppl", "dev_delta")
+    return [{k: v for k, v in r.items() if k not in dev_keys} | {"part": f"{stem}, held-out only"}
+            for r in other if r.get("tool") == "llm-compressor"]
+
+
 def merge_rows(stems: list[str], parts: list[dict]) -> list[dict]:
     """Every part's rows, in order, each tagged with its part. A config measured again in a later part with the
     same per-window NLLs (a rerun, e.g. for a same-run timing) is one row: the later measurement, which lists
@@ -940,6 +953,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layer-configs", default="", help="with --gptq-knobs: weight-only --configs specs scored at "
                    "those layers (output error on dev text) instead of the knob grid")
     p.add_argument("--merge", default="", help="stems of earlier result JSONs (same windows) to combine into --name")
+    p.add_argument("--peers-from", default="", help="with --merge: a result JSON whose llm-compressor rows join the "
+                   "table for the goal ratios, held-out columns only (its dev split may have other windows); its bf16 "
+                   "row must have the same held-out NLLs as the merged parts'")
     args = p.parse_args(argv)
     if args.merge:  # processes run side by side on the shared machine, one table
         parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge.split(",")]
@@ -947,6 +963,9 @@ def main(argv: list[str] | None = None) -> dict:
             m: part["environment"] for m, part in zip(args.merge.split(","), parts)}}
         out["tiny"] = next((part["tiny"] for part in parts if part.get("tiny")), [])
         out["stats_s"] = next((part["stats_s"] for part in parts if part.get("stats_s")), None)
+        if args.peers_from:
+            out["rows"] += peer_rows_from(args.peers_from, out["rows"])
+            out["peers_from"] = args.peers_from
         write(out, args.name)
         return out
     import numpy as np

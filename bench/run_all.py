@@ -77,6 +77,16 @@ _DEV32_PARTS = {
     "fp4_quality_d32h": ["--configs", f"mxfp4a16:{_M}:rot64"],
     "fp4_quality_d32i": ["--configs", f"mxfp4:{_M}:rot32"],
     "fp4_quality_d32j": ["--configs", f"mxfp4:{_M}:rot64"],
+    # session 9: the residual-stream rotation (QuaRot R1) and AWQ scales on top of each scheme's chosen row
+    "fp4_quality_r1a": ["--configs", f"bf16,bf16:r1,nvfp4:{_G}:r1"],
+    "fp4_quality_r1b": ["--configs", f"mxfp4:{_M}:rot32:r1"],
+    "fp4_quality_r1c": ["--configs", f"mxfp4a16:{_M}:rot64:r1"],
+    "fp4_quality_r1d": ["--configs", f"nvfp4a16:{_G}:ts:rot64:r1"],
+    "fp4_quality_awq1": ["--configs", f"mxfp4a16:{_M}:rot64:awq"],
+    "fp4_quality_awq2": ["--configs", f"nvfp4:{_G}:awq"],
+    "fp4_quality_awq3": ["--configs", f"mxfp4:{_M}:rot32:awq"],
+    "fp4_quality_awq4": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq"],
+    "fp4_quality_awq5": ["--configs", f"mxfp4a16:{_M}:rot32:awq"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
@@ -103,7 +113,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_s4": [*(("bench_fp4_quality", [*_Q16, "--name", n, *a]) for n, a in _S4_PARTS.items()),
                        ("bench_fp4_quality", ["--merge", ",".join(_S4_PARTS), "--name", "fp4_quality_s4"])],
     "fp4_quality_dev32": [*(("bench_fp4_quality", [*_Q32, "--name", n, *a]) for n, a in _DEV32_PARTS.items()),
-                          ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--name", "fp4_quality_dev32"])],
+                          ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--peers-from", "fp4_quality_s4",
+                                                 "--name", "fp4_quality_dev32"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
     "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
