@@ -7,8 +7,8 @@ Two kinds, both per decoder block (the pass streams):
            compressed-tensors transform_config (export/ct_transform.py). transformers 5 ignores
            transform_config on load, so only quantkit's runtime (and vLLM) serve it correctly.
 
-The math is in hadamard.py. The residual-stream rotation (QuaRot/SpinQuant R1) is not built: it
-touches the embeddings, every norm and the head at once (whole-model execution).
+The math is in hadamard.py. The residual-stream rotation (QuaRot/SpinQuant R1) is not built: measured in
+the FP4 bench it hurt every FP4 scheme (docs/rotation.md).
 """
 
 from __future__ import annotations
