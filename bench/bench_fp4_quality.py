@@ -158,8 +158,8 @@ def parse_spec(spec: str) -> dict:
             out["rotsel"] = f.partition("=")[2] or True  # calibration output error (=norm: per-token relative)
         elif f == "ao":
             out["act_order"] = True
-        elif f == "awq":  # AWQ's per-input-channel scale search, folded into the norms / up_proj offline
-            out["awq"] = True
+        elif f in ("awq", "awq=duo"):  # AWQ's per-input-channel scale search, folded into the norms / up_proj
+            out["awq"] = f.partition("=")[2] or True  # offline; =duo: s = a^alpha / w^(1-alpha) (llm-compressor's)
         elif f in ("r1", "r1=had", "r1=orth"):  # residual-stream rotation (QuaRot R1), fused offline
             out["r1"] = f.partition("=")[2] or "had"
         elif f.startswith("damp="):
@@ -269,17 +269,20 @@ def awq_scale(model, cfg: dict, stats: dict) -> dict[str, float]:
             names = [pre + ("mlp." if key != "qkv" else "self_attn.") + n for n in
                      {"down": ["down_proj"], "gate_up": ["gate_proj", "up_proj"], "qkv": ["q_proj", "k_proj", "v_proj"]}[key]]
             a = stats[names[0]]["sq"].double().sqrt().clamp_min(1e-6)
-            best = (float("inf"), 0.0, None)
+            wn = torch.cat([(lin.weight.double().abs() / lin.weight.double().abs().amax(1, keepdim=True).clamp_min(1e-12))
+                            for lin in lins]).mean(0).clamp_min(1e-6)  # per input channel, rows normalized
+            ones = torch.ones_like(a)
+            best = (err_of(lins, names, ones), None, ones)  # no scaling (duo's alpha 0 is 1/w, not this)
             for k in range(AWQ_GRID + 1):
                 alpha = k / AWQ_GRID
-                sc = a ** alpha
+                sc = a ** alpha / (wn ** (1 - alpha) if cfg["awq"] == "duo" else 1.0)
                 sc = sc / (sc.max() * sc.min()).sqrt()
                 e = err_of(lins, names, sc)
                 if e < best[0]:
                     best = (e, alpha, sc)
             _e, alpha, sc = best
-            chosen[pre + key] = alpha
-            if alpha == 0.0:
+            chosen[pre + key] = 0.0 if alpha is None else alpha
+            if alpha is None:
                 continue
             for lin in lins:
                 lin.weight.data = rnd(lin.weight.double() * sc)
@@ -528,7 +531,7 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
             names0 = Targets().select(model, arch_info(model))
             alphas = awq_scale(model, cfg, collect_stats(model, names0, calib, hessian=True))
             row["awq_alpha_mean"] = sum(alphas.values()) / len(alphas)
-            row["awq_scaled_groups"] = sum(1 for v in alphas.values() if v > 0)
+            row["awq_scaled_groups"] = sum(1 for v in alphas.values() if v > 0)  # (duo: alpha 0 counts as unscaled)
         names = Targets().select(model, arch_info(model))
         need_h = cfg["weighting"] == "hessian" or bool(cfg["rot"] and cfg["weighting"] != "none")
         have_h, have_rots, have_r1 = cache.get("collected", (False, frozenset(), (None, None)))
@@ -810,7 +813,7 @@ def _method(r: dict) -> str:
     if r.get("ts"):
         gptq += " true-sequential"
     if r.get("awq"):
-        gptq = f"AWQ scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
+        gptq = f"AWQ{' duo' if r['awq'] == 'duo' else ''} scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
     if r.get("r1"):
         rot = f" + residual {'random Hadamard' if r['r1'] == 'had' else 'random orthogonal'}" + rot
     if r.get("rotsel"):
