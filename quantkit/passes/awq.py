@@ -34,9 +34,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from quantkit.formats import FORMATS, get_format
+from quantkit.formats import get_format
 from quantkit.passes.base import Pass, register_pass
 from quantkit.passes.input_stats import input_second_moments
+from quantkit.passes.quantize import known_format
 from quantkit.passes.rotate.hadamard import rotate
 from quantkit.stream.capture import block_output
 from quantkit.targets import Targets, is_linear, linear_weight
@@ -103,12 +104,7 @@ class Awq(Pass):
     grid: int = Field(20, gt=0)  # alpha in 0, 1/grid, ..., 1
     targets: Targets = Targets()  # the linears whose quantization error the search counts
 
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v: str) -> str:
-        if v not in FORMATS:
-            raise ValueError(f"unknown format {v!r}; known: {', '.join(sorted(FORMATS))}")
-        return v
+    _known_format = field_validator("format")(classmethod(lambda _cls, v: known_format(v)))
 
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"

@@ -22,6 +22,13 @@ def _relative_error(linear: nn.Module, q: QLinear) -> float:
     return float((w - q.dequantized_weight(torch.float32)).norm() / norm) if norm > 0 else 0.0
 
 
+def known_format(v: str | None) -> str | None:
+    """A pass field's format name, checked against the registry (a pydantic validator's body)."""
+    if v is not None and v not in FORMATS:
+        raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
+    return v
+
+
 def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | None,
                   input_global_scale: torch.Tensor | None) -> QLinear:
     """The one way a pass turns a linear (nn.Linear or GPT-2 Conv1D) and its [out, in] codes into a QLinear."""
@@ -72,9 +79,7 @@ class Quantize(Pass):
     @field_validator("format", "act_format")
     @classmethod
     def _known_format(cls, v: str | None) -> str | None:
-        if v is not None and v not in FORMATS:
-            raise ValueError(f"unknown format {v!r}; known: {', '.join(FORMATS)}")
-        return v
+        return known_format(v)
 
     def requirements(self) -> frozenset[str]:
         needs = set(self.requires)
