@@ -594,10 +594,10 @@ TINY_ARCHS = ("llama", "qwen2", "gemma", "phi3", "opt")  # tests/tiny_models.py,
 TINY_METHODS = {  # format -> (observer, weighting, gptq)
     "nvfp4": [("minmax", "none", False), ("mse", "none", False), ("e4m3_local", "none", False),
               ("four_over_six", "none", False), ("e4m3_local", "channel", False), ("e4m3_local", "hessian", False),
-              ("minmax", "none", True), ("e4m3_local", "none", True)],
+              ("minmax", "none", True), ("e4m3_local", "none", True), ("awq", "none", False)],
     "mxfp4": [("minmax", "none", False), ("mx_exp", "none", False), ("mx_exp", "channel", False),
-              ("mx_exp", "hessian", False), ("minmax", "none", True), ("mx_exp", "none", True)],
-}
+              ("mx_exp", "hessian", False), ("minmax", "none", True), ("mx_exp", "none", True), ("awq", "none", False)],
+}  # "awq": the awq pass's search for each linear alone (round-to-nearest, the tensor's own global scale)
 
 
 @torch.inference_mode()
@@ -632,12 +632,19 @@ def tiny_weight_errors() -> list[dict]:
                 for n in names:
                     w = bf16_view.get_submodule(n).weight.detach()
                     h = hs[n]
-                    if gptq:
+                    if obs == "awq":
+                        from quantkit.passes.awq import Awq
+                        _alpha, sc, _errs = Awq(format=fmt_name).search([w], h)
+                        e = (fmt.dequantize(fmt.quantize((w.double() * sc).to(w.dtype)), torch.float64) / sc
+                             - w.double()).float()
+                        qt = None
+                    elif gptq:
                         qt, _ = gptq_quantize(fmt, w, h, gs.get(n), observer=obs)
                     else:
                         imp = None if weighting == "none" else (h.diagonal().clone() if weighting == "channel" else h)
                         qt = OBSERVERS.get(obs)(fmt, w, gs.get(n), imp)
-                    e = fmt.dequantize(qt, torch.float32) - w.float()
+                    if qt is not None:
+                        e = fmt.dequantize(qt, torch.float32) - w.float()
                     werr += float(e.square().sum())
                     wref += float(w.float().square().sum())
                     oerr += float((e @ h * e).sum())
@@ -895,7 +902,8 @@ def write(out: dict, name: str) -> None:
         for k in keys:
             cells = [next(f"{r['weight_rel_err']:.4f} / {r['output_rel_err']:.4f}" for r in out["tiny"]
                           if r["arch"] == a and (r["format"], r["observer"], r["weighting"], r["gptq"]) == k) for a in archs]
-            lines.append(f"| {k[0]} | {k[1]} / {k[2]}{' / GPTQ' if k[3] else ''} | " + " | ".join(cells) + " |")
+            label = "minmax + AWQ scales (each linear alone)" if k[1] == "awq" else f"{k[1]} / {k[2]}"
+            lines.append(f"| {k[0]} | {label}{' / GPTQ' if k[3] else ''} | " + " | ".join(cells) + " |")
     env = out["environment"]
     lines += ["", f"Commit {env['commit']} (tree dirty: {env['tree_dirty']}); command `{env['command']}`; "
               f"versions {env['versions']}; load average at start {env['machine']['loadavg_start']}, "
