@@ -87,6 +87,8 @@ _DEV32_PARTS = {
     "fp4_quality_awq3": ["--configs", f"mxfp4:{_M}:rot32:awq"],
     "fp4_quality_awq4": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq"],
     "fp4_quality_awq5": ["--configs", f"mxfp4a16:{_M}:rot32:awq"],
+    "fp4_quality_awq6": ["--configs", f"mxfp4a16:{_M}:rot64:awq=duo"],  # llm-compressor's duo scaling
+    "fp4_quality_awq7": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq=duo"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
