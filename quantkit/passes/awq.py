@@ -13,8 +13,8 @@ round-to-nearest in `format`, under the online Hadamard of a later rotate pass w
     sum over the group's target linears of tr(D H D^T),  D = deq(Q(W diag(s) R)) R^T diag(1/s) - W
 
 with H = X^T X of the block's calibration inputs (the outputs of the blocks before it, as the
-later passes see them). alpha = 0 (s = 1) is on the grid: the search never ends worse than no
-scaling on its own objective.
+later passes see them). No scaling (s = 1) is always a candidate: the search never ends worse
+than no scaling on its own objective.
 
 Where to fold is discovered on each block, not looked up by model type: candidates are the module
 whose output is x itself, the block's modules with a 1-D weight of x's width (norms), and the block's
@@ -102,6 +102,9 @@ class Awq(Pass):
     format: str  # the weight format the search quantizes with (the later quantize/gptq pass's)
     rotation: int = Field(0, ge=0)  # a later rotate pass's online Hadamard block (0: none)
     grid: int = Field(20, gt=0)  # alpha in 0, 1/grid, ..., 1
+    # llm-compressor's duo scaling: s = a^alpha / w^(1 - alpha), w the row-normalized weight magnitude per input
+    # channel (no scaling stays a candidate); measured on SmolLM2 in docs/quality.md, session 9
+    duo_scaling: bool = False
     targets: Targets = Targets()  # the linears whose quantization error the search counts
 
     _known_format = field_validator("format")(classmethod(lambda _cls, v: known_format(v)))
@@ -206,31 +209,41 @@ class Awq(Pass):
 
     # -- the search --------------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, weights: list[torch.Tensor], h: torch.Tensor) -> tuple[float, torch.Tensor, list[float]]:
-        """(alpha, s, error per alpha) for [out, in] weights (the group's targets) reading an input with X^T X = h."""
-        fmt = get_format(self.format)
+    def search(self, weights: list[torch.Tensor], h: torch.Tensor) -> tuple[float | None, torch.Tensor, list[float]]:
+        """(alpha, s, error per alpha on the grid) for [out, in] weights (the group's targets) reading an input with
+        X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w."""
         h = h.double()
         a = h.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)  # RMS up to a constant factor, which s's
-        errs, best = [], (float("inf"), 0.0, torch.ones_like(a))  # normalization removes
+        if self.duo_scaling:  # normalization removes; duo: the row-normalized weight magnitude per input channel
+            wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
+                            for w in weights]).mean(0).clamp_min(1e-8)
+        ones = torch.ones_like(a)
+        best = (self._error(weights, h, ones), None, ones)
+        errs = []
         for k in range(self.grid + 1):
             alpha = k / self.grid
-            s = a**alpha
+            s = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
             s = s / (s.max() * s.min()).sqrt()
-            e = 0.0
-            for w in weights:
-                w64 = w.double()
-                ws = w64 * s
-                if self.rotation:
-                    ws = rotate(ws, self.rotation)
-                deq = fmt.dequantize(fmt.quantize(ws.to(w.dtype)), torch.float64)
-                if self.rotation:
-                    deq = rotate(deq, self.rotation, inverse=True)
-                d = deq / s - w64
-                e += float(((d @ h) * d).sum())
+            e = self._error(weights, h, s)
             errs.append(e)
             if e < best[0]:
                 best = (e, alpha, s)
         return best[1], best[2], errs
+
+    def _error(self, weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor) -> float:
+        """sum of tr(D H D^T), D = deq(Q(W diag(s) R)) R^T diag(1/s) - W."""
+        fmt, e = get_format(self.format), 0.0
+        for w in weights:
+            w64 = w.double()
+            ws = w64 * s
+            if self.rotation:
+                ws = rotate(ws, self.rotation)
+            deq = fmt.dequantize(fmt.quantize(ws.to(w.dtype)), torch.float64)
+            if self.rotation:
+                deq = rotate(deq, self.rotation, inverse=True)
+            d = deq / s - w64
+            e += float(((d @ h) * d).sum())
+        return e
 
     # -- the block ---------------------------------------------------------------------------
     def run_block(self, blk, ctx) -> None:
@@ -257,10 +270,11 @@ class Awq(Pass):
             h = hs[f"{blk.prefix}.{g.names[0]}"]
             counted = [linear_weight(mods[n]).detach() for n in g.names if f"{blk.prefix}.{n}" in state["names"]]
             alpha, s, _errs = self.search(counted, h)
-            state["alphas"].append(alpha)
-            if alpha == 0.0:
+            if alpha is None or bool((s == 1).all()):
+                state["alphas"].append(0.0)
                 state["unscaled"] += 1
                 continue
+            state["alphas"].append(alpha)
             for n in g.names:
                 _scale_columns(mods[n], s)
             _fold(kind, mods[target], s)

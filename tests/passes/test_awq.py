@@ -115,8 +115,9 @@ def test_the_search_never_ends_worse_than_no_scaling_and_helps_with_outlier_chan
     w = torch.randn(48, 128, generator=g).to(torch.bfloat16)
     x = torch.randn(1024, 128, generator=g) * torch.where(torch.rand(128, generator=g) < 0.05, 20.0, 1.0)
     h = x.double().T @ x.double()
-    alpha, s, errs = Awq(format=name, rotation=rotation).search([w], h)
-    assert errs[round(alpha * 20)] == min(errs) <= errs[0]
+    awq = Awq(format=name, rotation=rotation)
+    alpha, s, errs = awq.search([w], h)
+    assert alpha is not None and errs[round(alpha * 20)] == min(errs) <= errs[0]  # errs[0]: alpha 0, s = 1
     assert min(errs) < 0.95 * errs[0]  # outlier input channels: scaling them up pays
     assert torch.allclose(s.max() * s.min(), torch.tensor(1.0, dtype=s.dtype))
     # the objective is the output error of round-to-nearest, computed by hand for the chosen scale
@@ -131,6 +132,19 @@ def test_the_search_never_ends_worse_than_no_scaling_and_helps_with_outlier_chan
     d = deq / s - w.double()
     assert torch.isclose(torch.tensor(errs[round(alpha * 20)], dtype=torch.float64), (x.double() @ d.T).square().sum(),
                          rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_duo_scaling_keeps_no_scaling_as_a_candidate(name):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g).to(torch.bfloat16)
+    h = torch.eye(64, dtype=torch.float64)  # flat inputs: scaling cannot help RTN, only hurt or tie
+    awq = Awq(format=name, duo_scaling=True)
+    alpha, s, errs = awq.search([w], h)
+    none = awq._error([w], h, torch.ones(64, dtype=torch.float64))
+    best = none if alpha is None else errs[round(alpha * 20)]
+    assert best <= none and best <= min(errs)
+    assert (alpha is None) == bool((s == 1).all())
 
 
 def test_calibrated_activation_amax_follows_the_scaled_inputs():
