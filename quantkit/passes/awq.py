@@ -78,10 +78,6 @@ def _fold(kind: str, mod: nn.Module, s: torch.Tensor) -> None:
         b.copy_((b.double() / s.to(b.device)).to(b.dtype))
 
 
-def _unfold(kind: str, mod: nn.Module, s: torch.Tensor) -> None:
-    _fold(kind, mod, 1 / s)
-
-
 class _Group:
     def __init__(self, names: list[str], width: int):
         self.names, self.width = names, width
@@ -180,19 +176,19 @@ class Awq(Pass):
         def rel(out: torch.Tensor) -> float:
             return float((out.float() - ref.float()).norm() / base) if torch.isfinite(out).all() else float("inf")
 
-        for n in g.names:
-            _scale_columns(mods[n], s)
+        touched = [*{id(t): t for n in (*g.names, fold[1]) for t in mods[n].parameters(recurse=False)}.values()]
+        saved = [t.detach().clone() for t in touched]  # restored bit for bit: (1 + w)/s - 1 does not invert exactly
         ok = False
         try:
+            for n in g.names:
+                _scale_columns(mods[n], s)
             if rel(self._run0(blk)) > CHANGED:  # the batch exercises the group at all
                 _fold(fold[0], mods[fold[1]], s)
-                try:
-                    ok = rel(self._run0(blk)) < SAME
-                finally:
-                    _unfold(fold[0], mods[fold[1]], s)
+                ok = rel(self._run0(blk)) < SAME
         finally:
-            for n in g.names:
-                _scale_columns(mods[n], 1 / s)
+            with torch.no_grad():
+                for t, v in zip(touched, saved):
+                    t.copy_(v)
         return ok
 
     @staticmethod

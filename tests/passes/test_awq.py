@@ -185,3 +185,31 @@ def test_recipes_in_an_order_awq_cannot_serve_are_refused(tmp_path, passes, mess
     path.write_text(yaml.safe_dump({"name": "r", "passes": passes}))
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_in_bf16_the_checks_leave_every_weight_bit_for_bit_and_find_the_same_folds(arch):
+    # a check that tries Gemma's (1 + w) fold on a norm cannot undo it by dividing back in bf16; the weights are
+    # restored from copies, so a failed candidate changes nothing and later groups still find their folds
+    model = _with_outlier_channels(tiny_model(arch, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # trained norms' gains are not powers of two; (1 + w)/8 - 1 then rounds in bf16
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=g).to(p.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = _ctx(model)
+    awq = Awq(format="nvfp4", grid=1)  # alpha 0 or 1: the folds are what is tested here
+    awq.begin(ctx)
+    from quantkit.stream.capture import capture
+    from quantkit.stream.loop import BlockView
+
+    blocks = list(ctx.arch.layers(model))
+    cap = capture(model, blocks, ctx.calib_batches())
+    blk = BlockView(0, f"{ctx.arch.layers_path}.0", blocks[0], model, cap.hidden, cap.calls[0])
+    ref = awq._run0(blk)
+    folds = {tuple(g.names): awq._find_fold(blk, g, ref, {}) for g in awq._groups(blk)}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert folds[("mlp.gate_proj", "mlp.up_proj")] is not None
+    assert folds[("mlp.down_proj",)] == ("rows", "mlp.up_proj")
