@@ -190,27 +190,22 @@ def _check_plan(where: str, recipe: Recipe) -> None:
                           "between blocks)")
     if recipe.output.save:
         _check_folds(where, recipe)
-    _check_rotations(where, recipe)
-    from quantkit.passes.awq import check_recipe as check_awq
-
-    problem = check_awq(recipe.passes)
-    if problem:
-        raise RecipeError(f"{where}: {problem}")
+    _check_pass_rules(where, recipe)
 
 
-def _check_rotations(where: str, recipe: Recipe) -> None:
-    """An online rotation must end up in a layout that holds it (quantkit/passes/rotate)."""
+def _check_pass_rules(where: str, recipe: Recipe) -> None:
+    """Each pass type's own rules about its place in the recipe (Pass.recipe_problem: rotate, awq)."""
     from quantkit.errors import QuantkitError
     from quantkit.export.writer import layout_for
-    from quantkit.passes.rotate import check_recipe
 
     try:
         layout = "bnb-int8" if recipe.output.layout == "bnb-int8" else layout_for(recipe.passes)
     except QuantkitError:
         layout = "mixed"
-    problem = check_recipe(recipe.passes, recipe.output.save, layout)
-    if problem:
-        raise RecipeError(f"{where}: {problem}")
+    for cls in dict.fromkeys(type(p) for p in recipe.passes):
+        problem = cls.recipe_problem(recipe.passes, recipe.output.save, layout)
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
 
 
 def _check_folds(where: str, recipe: Recipe) -> None:

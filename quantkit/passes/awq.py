@@ -47,10 +47,6 @@ from quantkit.targets import Targets, is_linear, linear_weight
 SAME, CHANGED = 1e-4, 1e-2
 
 
-def _width_in(lin: nn.Module) -> int:
-    return linear_weight(lin).shape[1]
-
-
 def _width_out(lin: nn.Module) -> int:
     return linear_weight(lin).shape[0]
 
@@ -105,6 +101,22 @@ class Awq(Pass):
 
     _known_format = field_validator("format")(classmethod(lambda _cls, v: known_format(v)))
 
+    @classmethod
+    def recipe_problem(cls, passes: list, save: bool, layout: str) -> str | None:
+        for i, p in enumerate(passes):
+            if p.name != cls.name:
+                continue
+            if any("quantized" in q.provided_facts() for q in passes[:i]):
+                return "awq must come before the passes that quantize (it scales dense weights)"
+            if any(q.name == "rotate" for q in passes[:i]):
+                return "awq must come before rotate (its scales act on the unrotated input, x / s, then x R)"
+            later = [q for q in passes[i + 1:] if q.name == "rotate" and q.online]
+            block = later[0].block_size if later else 0
+            if p.rotation != block:
+                return (f"awq searches under rotation {p.rotation} but the recipe's online Hadamard block is {block}: "
+                        f"set awq's rotation: {block}")
+        return None
+
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"
 
@@ -113,12 +125,13 @@ class Awq(Pass):
 
     def begin(self, ctx) -> None:
         ctx.scratch[self._key()] = {"names": set(self.targets.select(ctx.model, ctx.arch)), "folds": {},
-                                   "alphas": [], "unscaled": 0, "no_fold": []}
+                                   "alphas": [], "unscaled": 0, "no_fold": 0}
 
     # -- discovery ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _groups(self, blk) -> list[_Group]:
-        """Linears of the block grouped by the tensor they read (one calibration batch), with that tensor's producer."""
+    def _groups(self, blk) -> tuple[list[_Group], torch.Tensor]:
+        """Linears of the block grouped by the tensor they read (one calibration batch), with that tensor's producer;
+        and the block's output on that batch (the fold checks' reference)."""
         block, first_in, out_of, alive = blk.module, {}, {}, []
 
         def reader(n):
@@ -137,7 +150,7 @@ class Awq(Pass):
         hooks = [m.register_forward_pre_hook(reader(n)) for n, m in block.named_modules() if n and is_linear(m)]
         hooks += [m.register_forward_hook(producer(n)) for n, m in block.named_modules() if n]
         try:
-            self._run0(blk)
+            ref = self._run0(blk)
             by_input: dict[int, _Group] = {}
             for n, x in first_in.items():
                 g = by_input.setdefault(id(x), _Group([], x.shape[-1]))
@@ -146,7 +159,7 @@ class Awq(Pass):
         finally:
             for h in hooks:
                 h.remove()
-        return list(by_input.values())
+        return list(by_input.values()), ref
 
     def _candidates(self, blk, g: _Group) -> list[tuple[str, str]]:
         mods = dict(blk.module.named_modules())
@@ -186,9 +199,8 @@ class Awq(Pass):
                 _fold(fold[0], mods[fold[1]], s)
                 ok = rel(self._run0(blk)) < SAME
         finally:
-            with torch.no_grad():
-                for t, v in zip(touched, saved):
-                    t.copy_(v)
+            for t, v in zip(touched, saved):
+                t.copy_(v)
         return ok
 
     @staticmethod
@@ -205,12 +217,15 @@ class Awq(Pass):
 
     # -- the search --------------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, weights: list[torch.Tensor], h: torch.Tensor) -> tuple[float | None, torch.Tensor, list[float]]:
+    def search(self, weights: list[torch.Tensor], h: torch.Tensor,
+               rms: torch.Tensor | None = None) -> tuple[float | None, torch.Tensor, list[float]]:
         """(alpha, s, error per alpha on the grid) for [out, in] weights (the group's targets) reading an input with
-        X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w."""
+        X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w.
+        rms: the input's per-channel RMS if the caller has it (default: from h's diagonal)."""
         h = h.double()
-        a = h.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)  # RMS up to a constant factor, which s's
-        if self.duo_scaling:  # normalization removes; duo: the row-normalized weight magnitude per input channel
+        # the RMS up to a constant factor (sqrt of the token count), which s's normalization removes
+        a = (h.diagonal().clamp_min(0).sqrt() if rms is None else rms.double()).clamp_min(1e-8)
+        if self.duo_scaling:  # the row-normalized weight magnitude per input channel
             wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
                             for w in weights]).mean(0).clamp_min(1e-8)
         ones = torch.ones_like(a)
@@ -245,15 +260,14 @@ class Awq(Pass):
     def run_block(self, blk, ctx) -> None:
         state = ctx.scratch[self._key()]
         mods = dict(blk.module.named_modules())
-        groups = [g for g in self._groups(blk) if any(f"{blk.prefix}.{n}" in state["names"] for n in g.names)]
-        if not groups:
-            return
-        ref = self._run0(blk)
+        groups, ref = self._groups(blk)
         plans = []
         for g in groups:
+            if not any(f"{blk.prefix}.{n}" in state["names"] for n in g.names):
+                continue
             fold = self._find_fold(blk, g, ref, state["folds"])
             if fold is None:
-                state["no_fold"].append(f"{blk.prefix}.{g.names[0]}")
+                state["no_fold"] += 1
             else:
                 plans.append((g, fold))
         if not plans:
@@ -294,22 +308,4 @@ class Awq(Pass):
                    mean_alpha=round(sum(alphas) / len(alphas), 4) if alphas else None,
                    folds={f"{k[0]}:{','.join(k[1])}": (f"{v[0]} of {v[1]}" if v else "none passed the check")
                           for k, v in state["folds"].items()},
-                   groups_without_fold=len(state["no_fold"]))
-
-
-def check_recipe(passes: list) -> str | None:
-    """Why this recipe's awq passes cannot run as written, or None (recipe validation)."""
-    for i, p in enumerate(passes):
-        if p.name != Awq.name:
-            continue
-        if any("quantized" in q.provided_facts() for q in passes[:i]):
-            return "awq must come before the passes that quantize (it scales dense weights)"
-        rotations = [q for q in passes[:i] if q.name == "rotate"]
-        if rotations:
-            return "awq must come before rotate (its scales act on the unrotated input, x / s, then x R)"
-        later = [q for q in passes[i + 1:] if q.name == "rotate" and q.online]
-        block = later[0].block_size if later else 0
-        if p.rotation != block:
-            return (f"awq searches under rotation {p.rotation} but the recipe's online Hadamard block is {block}: "
-                    f"set awq's rotation: {block}")
-    return None
+                   groups_without_fold=state["no_fold"])

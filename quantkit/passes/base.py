@@ -60,6 +60,12 @@ class Pass(BaseModel):
     def work_units(self, ctx: Any) -> int:
         return 0
 
+    @classmethod
+    def recipe_problem(cls, passes: list, save: bool, layout: str) -> str | None:
+        """Why this pass's instances in `passes` cannot run or be stored as the recipe orders them, or None
+        (recipe validation, before any weight loads; layout: the output layout the recipe would write)."""
+        return None
+
     def check_model(self, model: Any) -> None:
         """Right after loading, before any heavy work: raise a QuantkitError if this model cannot
         take the pass (e.g. QuantVLA's scope names modules it lacks). Default: nothing to check."""

@@ -45,6 +45,24 @@ class Rotate(Pass):
             raise ValueError(f"Hadamard block size must be a power of two, got {v}")
         return v
 
+    @classmethod
+    def recipe_problem(cls, passes: list, save: bool, layout: str) -> str | None:
+        rotations = [i for i, p in enumerate(passes) if p.name == cls.name]
+        if not rotations:
+            return None
+        if len(rotations) > 1:
+            return "one rotate pass per recipe (a second rotation would compose with the first)"
+        first = rotations[0]
+        if any("quantized" in p.provided_facts() for p in passes[:first]):
+            return "rotate must come before the passes that quantize (it rotates dense weights)"
+        if passes[first].online and any("act_stats" in p.provided_facts() for p in passes[:first]):
+            return ("rotate (online) must come before calibrate: activation statistics must be taken on the rotated "
+                    "inputs the quantized layers will see")
+        if save and passes[first].online and layout != "compressed-tensors":
+            return (f"online rotations are stored as a compressed-tensors transform_config, but this recipe writes a "
+                    f"{layout} checkpoint; quantize the rotated linears, set online: false, or output.save: false")
+        return None
+
     def _key(self) -> str:
         return f"{self.name}:{id(self)}"
 
@@ -76,22 +94,3 @@ class Rotate(Pass):
         state = ctx.scratch[self._key()]
         ctx.record(self.name, block_size=self.block_size, fused_vo_blocks=state["fused"],
                    online_linears=state["rotated"])
-
-
-def check_recipe(passes: list, save: bool, layout: str) -> str | None:
-    """Why this recipe's rotations cannot be run or stored, or None (recipe validation)."""
-    rotations = [i for i, p in enumerate(passes) if p.name == Rotate.name]
-    if not rotations:
-        return None
-    if len(rotations) > 1:
-        return "one rotate pass per recipe (a second rotation would compose with the first)"
-    first = rotations[0]
-    if any("quantized" in p.provided_facts() for p in passes[:first]):
-        return "rotate must come before the passes that quantize (it rotates dense weights)"
-    if passes[first].online and any("act_stats" in p.provided_facts() for p in passes[:first]):
-        return ("rotate (online) must come before calibrate: activation statistics must be taken on the rotated "
-                "inputs the quantized layers will see")
-    if save and passes[first].online and layout != "compressed-tensors":
-        return (f"online rotations are stored as a compressed-tensors transform_config, but this recipe writes a "
-                f"{layout} checkpoint; quantize the rotated linears, set online: false, or output.save: false")
-    return None
