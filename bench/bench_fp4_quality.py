@@ -143,7 +143,7 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1[=had|orth]][:awq] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1][:awq[=duo]] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -160,8 +160,8 @@ def parse_spec(spec: str) -> dict:
             out["act_order"] = True
         elif f in ("awq", "awq=duo"):  # AWQ's per-input-channel scale search, folded into the norms / up_proj
             out["awq"] = f.partition("=")[2] or True  # offline; =duo: s = a^alpha / w^(1-alpha) (llm-compressor's)
-        elif f in ("r1", "r1=had", "r1=orth"):  # residual-stream rotation (QuaRot R1), fused offline
-            out["r1"] = f.partition("=")[2] or "had"
+        elif f == "r1":  # residual-stream rotation (QuaRot R1), fused offline
+            out["r1"] = "had"
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
         elif f.startswith("rot"):
@@ -182,14 +182,11 @@ def _paley12() -> torch.Tensor:
     return s + torch.eye(q + 1, dtype=torch.float64)
 
 
-def residual_matrix(d: int, kind: str = "had", seed: int = 0) -> torch.Tensor:
-    """An orthogonal Q [d, d] (float64) for the residual stream. had: diag(random signs) times a Hadamard
-    matrix of order d built as a Kronecker product of Sylvester powers of two and Paley's order 12 (QuaRot's
-    random Hadamard); orth: a Haar-random orthogonal matrix (QR of a Gaussian)."""
+def residual_matrix(d: int, seed: int = 0) -> torch.Tensor:
+    """An orthogonal Q [d, d] (float64) for the residual stream: diag(random signs) times a Hadamard matrix of
+    order d built as a Kronecker product of Paley's order 12 and a Sylvester power of two (QuaRot's random
+    Hadamard)."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "orth":
-        q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r))
     h, rest = torch.ones(1, 1, dtype=torch.float64), d
     while rest & (rest - 1) and rest % 12 == 0:  # 576 = 12 * 12 * 4
         h, rest = torch.kron(h, _paley12()), rest // 12
@@ -202,13 +199,13 @@ def residual_matrix(d: int, kind: str = "had", seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_rotate(model, kind: str = "had") -> None:
+def residual_rotate(model) -> None:
     """QuaRot's R1 fused offline into a Llama-layout model: every norm's weight folded into the linears it
     feeds (then 1), the residual stream rotated by Q (embeddings E Q; readers W -> W Q; writers W -> Q^T W; the
     head untied, W_head diag(g) Q). RMSNorm(x Q) = RMSNorm(x) Q, so the function is unchanged; every rewritten
     tensor is rounded to bf16, as a checkpoint would store it."""
     lm = model.model
-    q = residual_matrix(model.config.hidden_size, kind)
+    q = residual_matrix(model.config.hidden_size)
 
     def put(mod, w):
         mod.weight.data = w.to(torch.bfloat16).to(mod.weight.dtype)
@@ -229,68 +226,37 @@ def residual_rotate(model, kind: str = "had") -> None:
             norm.weight.data.fill_(1.0)
 
 
-AWQ_GRID = 20  # alpha in 0, 0.05, ..., 1 (alpha 0: no scaling, so the search never loses on its objective)
+AWQ_GRID = 20  # alpha in 0, 0.05, ..., 1 (no scaling is always a candidate: the search never loses on its objective)
 
 
 @torch.no_grad()
 def awq_scale(model, cfg: dict, stats: dict) -> dict[str, float]:
-    """AWQ's search per group of linears sharing an input (gate/up, q/k/v) and for down_proj: s = rms(x)^alpha
-    (normalized to geometric mean 1 of its extremes), W -> W diag(s), and 1/s folded into what makes the input
-    (the norm's weight; up_proj's rows for down_proj). alpha minimizes the layer-output error of round-to-nearest
-    with the config's format (and online rotation), tr((W_eff - W) H (W_eff - W)^T), H = X^T X of the unscaled
-    input. o_proj is left alone (its input comes from v_proj through grouped-query heads). -> alpha per group."""
-    fmt_name, _act = SCHEMES[cfg["scheme"]]
-    fmt, rot = get_format(fmt_name), cfg["rot"]
+    """The awq pass's search (Awq.search) per group of linears sharing an input (gate/up, q/k/v) and for down_proj,
+    on H = X^T X of the unscaled model's calibration inputs; W -> W diag(s) and 1/s folded into the norm's weight
+    (up_proj's rows for down_proj), every rewritten tensor rounded to bf16 as a checkpoint stores it. SmolLM2's
+    Llama layout is written out here; o_proj is left alone (grouped-query heads). -> alpha per group (0: unscaled)."""
+    from quantkit.passes.awq import Awq
+
+    awq = Awq(format=SCHEMES[cfg["scheme"]][0], rotation=cfg["rot"], grid=AWQ_GRID, duo_scaling=cfg["awq"] == "duo")
     chosen: dict[str, float] = {}
 
     def rnd(t):
         return t.to(torch.bfloat16).to(torch.float32)
 
-    def err_of(lins: list, names: list[str], sc: torch.Tensor) -> float:
-        h = stats[names[0]]["h"].double()
-        e = 0.0
-        for lin in lins:
-            w = lin.weight.double()
-            ws = w * sc
-            if rot:
-                ws = rotate(ws, rot)
-            deq = fmt.dequantize(fmt.quantize(ws.to(torch.bfloat16)), torch.float64)
-            if rot:
-                deq = rotate(deq, rot, inverse=True)
-            d = deq / sc - w
-            e += ((d @ h) * d).sum().item()
-        return e
-
     for i, layer in enumerate(model.model.layers):
         at, mlp, pre = layer.self_attn, layer.mlp, f"model.layers.{i}."
-        for key, lins, fold in (("down", [mlp.down_proj], ("rows", mlp.up_proj)),
-                                ("gate_up", [mlp.gate_proj, mlp.up_proj], ("norm", layer.post_attention_layernorm)),
-                                ("qkv", [at.q_proj, at.k_proj, at.v_proj], ("norm", layer.input_layernorm))):
-            names = [pre + ("mlp." if key != "qkv" else "self_attn.") + n for n in
-                     {"down": ["down_proj"], "gate_up": ["gate_proj", "up_proj"], "qkv": ["q_proj", "k_proj", "v_proj"]}[key]]
-            a = stats[names[0]]["sq"].double().sqrt().clamp_min(1e-6)
-            wn = torch.cat([(lin.weight.double().abs() / lin.weight.double().abs().amax(1, keepdim=True).clamp_min(1e-12))
-                            for lin in lins]).mean(0).clamp_min(1e-6)  # per input channel, rows normalized
-            ones = torch.ones_like(a)
-            best = (err_of(lins, names, ones), None, ones)  # no scaling (duo's alpha 0 is 1/w, not this)
-            for k in range(AWQ_GRID + 1):
-                alpha = k / AWQ_GRID
-                sc = a ** alpha / (wn ** (1 - alpha) if cfg["awq"] == "duo" else 1.0)
-                sc = sc / (sc.max() * sc.min()).sqrt()
-                e = err_of(lins, names, sc)
-                if e < best[0]:
-                    best = (e, alpha, sc)
-            _e, alpha, sc = best
+        for key, lins, fold in (("down", [mlp.down_proj], mlp.up_proj),
+                                ("gate_up", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm),
+                                ("qkv", [at.q_proj, at.k_proj, at.v_proj], layer.input_layernorm)):
+            first = pre + ("self_attn.q_proj" if key == "qkv" else f"mlp.{key.split('_')[0]}_proj")
+            alpha, sc, _errs = awq.search([lin.weight.to(torch.bfloat16) for lin in lins], stats[first]["h"],
+                                          rms=stats[first]["sq"].double().sqrt())
             chosen[pre + key] = 0.0 if alpha is None else alpha
             if alpha is None:
                 continue
             for lin in lins:
                 lin.weight.data = rnd(lin.weight.double() * sc)
-            kind, mod = fold
-            if kind == "norm":
-                mod.weight.data = rnd(mod.weight.double() / sc)
-            else:
-                mod.weight.data = rnd(mod.weight.double() / sc[:, None])
+            fold.weight.data = rnd(fold.weight.double() / (sc[:, None] if key == "down" else sc))
     return chosen
 
 
@@ -526,7 +492,7 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
     elif spec != "bf16":
         cfg = parse_spec(spec)
         if cfg.get("r1"):
-            residual_rotate(model, cfg["r1"])
+            residual_rotate(model)
         if cfg.get("awq"):  # the search reads the unscaled model's statistics (input second moments, X^T X)
             names0 = Targets().select(model, arch_info(model))
             alphas = awq_scale(model, cfg, collect_stats(model, names0, calib, hessian=True))
@@ -822,7 +788,7 @@ def _method(r: dict) -> str:
     if r.get("awq"):
         gptq = f"AWQ{' duo' if r['awq'] == 'duo' else ''} scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
     if r.get("r1"):
-        rot = f" + residual {'random Hadamard' if r['r1'] == 'had' else 'random orthogonal'}" + rot
+        rot = " + residual random Hadamard" + rot
     if r.get("rotsel"):
         crit = ", token-relative error" if r["rotsel"] == "norm" else ""
         rot += f" where it helps{crit} ({r.get('rotated_linears', '?')}/{r.get('n_linears', '?')} linears)"
