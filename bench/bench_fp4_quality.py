@@ -143,7 +143,8 @@ class _Stop(Exception):
 
 
 def parse_spec(spec: str) -> dict:
-    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:rsign][:rotsel][:ts][:r1][:awq[=duo]] -> fields."""
+    """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:orotN[=v]][:rsign][:rotsel][:ts][:r1][:awq[=duo]]
+    -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -162,6 +163,9 @@ def parse_spec(spec: str) -> dict:
             out["awq"] = f.partition("=")[2] or True  # offline; =duo: s = a^alpha / w^(1-alpha) (llm-compressor's)
         elif f == "r1":  # residual-stream rotation (QuaRot R1), fused offline
             out["r1"] = "had"
+        elif f.startswith("orot"):  # output-side block Hadamard (QuIP's "u"): W -> P^T W, y -> y' P^T; weight-only.
+            b, _, only = f[4:].partition("=")  # =v: v_proj only (with o_proj's input rotation, fusable offline)
+            out["orot"], out["orot_only"] = int(b), only or None
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
         elif f.startswith("rot"):
@@ -279,17 +283,36 @@ def _rotate_weights(model, names: list[str], block: int, signs: dict | None = No
                                             *args[1:]))
 
 
+def _rotate_outputs(model, names: list[str], block: int) -> None:
+    """W -> P^T W in place (P block-diagonal Hadamard over the output rows; bf16 storage), and y' -> y' P^T by a
+    forward hook, so the model computes what it computed before until each linear is quantized."""
+    for n in names:
+        lin = model.get_submodule(n)
+        if lin.bias is not None:
+            raise ValueError("orot: linears without bias only")
+        lin.weight.data = rotate(lin.weight.data.T, block).T.contiguous()
+        lin._bench_orot = block
+        lin._bench_orot_hook = lin.register_forward_hook(lambda _m, _a, y, b=block: rotate(y, b, inverse=True))
+
+
 def _install(model, n: str, qt, act: str | None, igs, dtype, rot: int, dense: dict) -> QLinear | None:
     """Put the quantized weight in place. With a rotation, y = (x R) Q(W R)^T = x (Q(W R) R^T)^T: weight-only,
     the effective dense weight Q(W R) R^T in fp32 is exact to what an online-transform runtime computes; with an
-    activation quantizer, a QLinear that rotates its input online before quantizing it (as the rotate pass's)."""
+    activation quantizer, a QLinear that rotates its input online before quantizing it (as the rotate pass's).
+    An output rotation P (weight-only) adds the row unrotation: P Q(P^T W R) R^T."""
     lin = model.get_submodule(n)
-    if rot and act is None:
-        lin._bench_rot_hook.remove()  # the dense weight below is the unrotated Q(W R) R^T
+    orot = getattr(lin, "_bench_orot", 0)
+    if (rot or orot) and act is None:
         fmt = get_format(qt.format)
-        dense[n] = rotate(fmt.dequantize(qt, torch.float64), rot, inverse=True)
-        if lin._bench_rot_sign is not None:
-            dense[n] = dense[n] * lin._bench_rot_sign.double()
+        dense[n] = fmt.dequantize(qt, torch.float64)
+        if rot:
+            lin._bench_rot_hook.remove()  # the dense weight below is the unrotated Q(W R) R^T
+            dense[n] = rotate(dense[n], rot, inverse=True)
+            if lin._bench_rot_sign is not None:
+                dense[n] = dense[n] * lin._bench_rot_sign.double()
+        if orot:
+            lin._bench_orot_hook.remove()
+            dense[n] = rotate(dense[n].T, orot, inverse=True).T
         dense[n] = dense[n].float()
         lin.weight.data = dense[n].to(lin.weight.dtype)  # model dtype while later layers are calibrated
         return None
@@ -317,6 +340,11 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
         signs = {n: (torch.randint(0, 2, (model.get_submodule(n).in_features,), generator=g) * 2 - 1).float()
                  for n in names} if cfg.get("rsign") else None
         _rotate_weights(model, names, cfg["rot"], signs)
+    if cfg.get("orot"):
+        if act is not None or cfg.get("rotsel"):
+            raise ValueError("orot: weight-only rows without rotsel only")
+        only = cfg["orot_only"]
+        _rotate_outputs(model, [n for n in names if only is None or n.endswith(f".{only}_proj")], cfg["orot"])
     bf16_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=model.get_submodule(n).weight.to(torch.bfloat16)))
     gs = Quantize(format=fmt_name)._global_scales(bf16_view, SimpleNamespace(arch=arch), names)  # as export: from bf16
     act_fmt = None if act is None else get_format(act)
