@@ -17,6 +17,7 @@ writes bench/results/<--name, default fp4_quality>.json and .md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -144,7 +145,7 @@ class _Stop(Exception):
 
 def parse_spec(spec: str) -> dict:
     """scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN][:orotN[=v]][:rsign][:rotsel][:ts][:r1][:awq[=duo]]
-    -> fields."""
+    [:cd=N][:cdd=X][:aq] -> fields."""
     scheme, observer, weighting, *flags = spec.split(":")
     out = {"scheme": scheme, "observer": observer, "weighting": weighting, "gptq": False, "act_order": False,
            "damp": 0.01, "rot": 0}
@@ -166,6 +167,12 @@ def parse_spec(spec: str) -> dict:
         elif f.startswith("orot"):  # output-side block Hadamard (QuIP's "u"): W -> P^T W, y -> y' P^T; weight-only.
             b, _, only = f[4:].partition("=")  # =v: v_proj only (with o_proj's input rotation, fusable offline)
             out["orot"], out["orot_only"] = int(b), only or None
+        elif f == "aq":  # GPTQ toward the unquantized model's outputs (asymmetric calibration, GPTAQ's target)
+            out["aq"] = True
+        elif f.startswith("cd="):  # coordinate-descent sweeps over the rounded weights after GPTQ (solver.refine)
+            out["cd"] = int(f[3:])
+        elif f.startswith("cdd="):  # their dampening (default: GPTQ's)
+            out["cdd"] = float(f[4:])
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
         elif f.startswith("rot"):
@@ -418,8 +425,11 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
     finally:
         hk.remove()
     chosen = set(names)
+    fp_store = store  # :aq - the unquantized model's layer inputs, carried alongside
+    prefix = {id(m): k for k, m in model.named_modules()}
     for idx, layer in enumerate(layers):
         in_layer = [n for n, _role, _kind in arch.linears(idx) if n in chosen]  # forward order
+        fp_layer = copy.deepcopy(layer) if cfg.get("aq") else None  # before any of its linears is quantized
         # :ts (true-sequential) - one stage per group of linears sharing an input, in forward order, each stage's
         # Hessians taken after the stages before it are quantized; otherwise the whole layer at once
         stages = input_stages(SimpleNamespace(arch=arch), idx, in_layer) if cfg.get("ts") else [sorted(in_layer)]
@@ -431,28 +441,56 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
                 hooks += [model.get_submodule(n).register_forward_pre_hook(
                     lambda _m, args, n=n: xs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float()),
                     prepend=True) for n in mine]
+            xq: dict[str, list] = {}
+            xf: dict[str, list] = {}
+            if fp_layer is not None:  # the linears' inputs in both models, after their rotation hooks
+                pre = prefix[id(layer)] + "."
+                for n in mine:
+                    hooks.append(model.get_submodule(n).register_forward_pre_hook(
+                        lambda _m, args, n=n: xq.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float())))
+                    hooks.append(fp_layer.get_submodule(n[len(pre):]).register_forward_pre_hook(
+                        lambda _m, args, n=n: xf.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).float())))
             try:
                 for args, kwargs in store:
                     layer(*args, **kwargs)
+                if fp_layer is not None:
+                    for args, kwargs in fp_store:
+                        fp_layer(*args, **kwargs)
             finally:
                 for h in hooks:
                     h.remove()
+            targets: dict[str, torch.Tensor] = {}
+            for n in xq:  # W* = argmin |W' X - W X~|^2 + lam |W' - W|^2 = W + W (C - H)(H + lam I)^-1, C = X~^T X:
+                h = hs[n]  # GPTQ of W* on H then minimizes |Q X - W X~|^2 up to the ridge
+                c = torch.cat(xf.pop(n)).T @ torch.cat(xq.pop(n))
+                hd = h.double() + cfg["damp"] * h.diagonal().mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+                w0 = model.get_submodule(n).weight.detach().double()
+                targets[n] = (w0 + torch.linalg.solve(hd, (c - h).double().T @ w0.T).T).to(torch.bfloat16)
             if alt is not None:
                 _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt)
                 mine = []
             for n in mine:
-                w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
+                w = targets[n] if n in targets else model.get_submodule(n).weight.detach().to(torch.bfloat16)
                 h = hs.pop(n)
                 # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
                 qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
-                                      act_order=cfg["act_order"], weighting=cfg["weighting"])
+                                      act_order=cfg["act_order"], weighting=cfg["weighting"],
+                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"))
                 _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32,
                          cfg["rot"], dense)
-        outs = []
-        for args, kwargs in store:
-            y = layer(*args, **kwargs)
-            outs.append(((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs))
-        store = outs
+        store = _layer_outputs(layer, store)
+        if fp_layer is not None:
+            fp_store = _layer_outputs(fp_layer, fp_store)
+        else:
+            fp_store = store
+
+
+def _layer_outputs(layer, store: list) -> list:
+    outs = []
+    for args, kwargs in store:
+        y = layer(*args, **kwargs)
+        outs.append(((y[0] if isinstance(y, tuple) else y, *args[1:]), kwargs))
+    return outs
 
 
 def _choose_rotations(model, cfg, fmt, gs, act, act_fmt, stats, arch, idx, mine, hs, xs, dense, alt) -> None:
@@ -720,7 +758,8 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
             w, hc, hd = weights[n], turn(h_cal[n]), turn(h_dev[n])
             if cfg["gptq"]:
                 qt, _ = gptq_quantize(fmt, w, hc, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
-                                      act_order=cfg["act_order"], weighting=cfg["weighting"])
+                                      act_order=cfg["act_order"], weighting=cfg["weighting"],
+                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"))
             else:
                 imp = {"none": None, "channel": hc.diagonal().clone(), "hessian": hc}[cfg["weighting"]]
                 qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
