@@ -57,6 +57,11 @@ class Gptq(Quantize):
     # true-sequential inside a block: one stage per group of linears sharing an input (q/k/v, o, gate/up, down),
     # each stage's Hessians taken with the stages before it already quantized; False: the whole block at once
     sequential: bool = False
+    # after the column loop: cyclic coordinate-descent sweeps over the rounded weights (each element moved to the
+    # grid point nearest its one-dimensional optimum, scales fixed; never raises the layer objective), on H
+    # dampened by refine_dampening (None: as the column loop's); solver.refine, docs/quality.md
+    refine_sweeps: int = Field(0, ge=0)
+    refine_dampening: float | None = Field(None, ge=0)
 
     def requirements(self) -> frozenset[str]:
         return self.requires | super().requirements()
@@ -67,6 +72,7 @@ class Gptq(Quantize):
     def begin(self, ctx) -> None:
         super().begin(ctx)
         ctx.scratch[self._key()]["losses"] = {}
+        ctx.scratch[self._key()]["refined"] = [0.0, 0.0]  # objective before, after refinement (all linears)
 
     def run_block(self, blk, ctx) -> None:
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
@@ -94,11 +100,21 @@ class Gptq(Quantize):
             qt, info = gptq_quantize(get_format(self.format), linear_weight(linear).detach(),
                                      state["hessians"].pop(name), gscales.get(name), block_size=self.block_size,
                                      dampening=self.dampening, observer=self.observer, act_order=self.act_order,
-                                     weighting=self.weighting)
+                                     weighting=self.weighting, **self.solver_refine())
         except SolverError as e:  # the solver's message names the knobs; add the layer
             raise SolverError(str(e).replace("gptq:", f"gptq ({name}):", 1)) from None
         state["losses"][name] = info["loss"]
+        self.count_refined(state, info)
         return build_qlinear(linear, qt, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
+
+    def solver_refine(self) -> dict:
+        return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening}
+
+    @staticmethod
+    def count_refined(state: dict, info: dict) -> None:
+        if "refine" in info:
+            state["refined"][0] += info["refine"]["objective_before"]
+            state["refined"][1] += info["refine"]["objective_after"]
 
     def _method_info(self) -> dict:
         return {"method": "gptq"}
@@ -107,4 +123,11 @@ class Gptq(Quantize):
         losses = ctx.scratch[self._key()]["losses"]
         return {"observer": self.observer, "weighting": self.weighting, "act_order": self.act_order,
                 "dampening": self.dampening, "block_size": self.block_size, "sequential": self.sequential,
-                "gptq_loss_total": round(sum(losses.values()), 6)}
+                "gptq_loss_total": round(sum(losses.values()), 6), **self._refine_report(ctx)}
+
+    def _refine_report(self, ctx) -> dict:
+        if not self.refine_sweeps:
+            return {}
+        before, after = ctx.scratch[self._key()]["refined"]
+        return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening,
+                "refine_objective_ratio": round(after / before, 6) if before else None}

@@ -41,7 +41,7 @@ def gptq_block_experts(p, blk, ctx) -> None:
         if static:
             scales[n] = input_global_scales(stats[n], blk.model.get_submodule(n), p.act_format, n)
         rtn[n] = [e for e in range(hs.num_experts) if int(hs.tokens[e]) == 0]
-        solvers[n] = _solver(p, fmt, n, hs, state["losses"])
+        solvers[n] = _solver(p, fmt, n, hs, state["losses"], state)
     before, after = quantize_named_experts(blk.model, names, p.format, p.mode, p.act_format, p.observer,
                                            scales or None, model_type=ctx.arch.model_type, solvers=solvers)
     for n in names:
@@ -56,17 +56,19 @@ def gptq_block_experts(p, blk, ctx) -> None:
     state["modules"] += len(names)
 
 
-def _solver(p, fmt, name: str, hs, losses: dict):
+def _solver(p, fmt, name: str, hs, losses: dict, refined: dict):
     def solve(param: str, e: int, w: torch.Tensor, gs: torch.Tensor | None):
         h = hs.h.get(param, [None] * hs.num_experts)[e]
         if h is None:  # no routed token: nothing to compensate against
             return _quantize_one(fmt, w, p.observer, gs)
         try:
             qt, info = gptq_quantize(fmt, w, h, gs, block_size=p.block_size, dampening=p.dampening,
-                                     observer=p.observer, act_order=p.act_order, weighting=p.weighting)
+                                     observer=p.observer, act_order=p.act_order, weighting=p.weighting,
+                                     **p.solver_refine())
         except SolverError as err:  # the solver's message names the knobs; add the expert
             raise SolverError(str(err).replace("gptq:", f"gptq ({name} expert {e}, {param}):", 1)) from None
         losses[f"{name}.{e}.{param}"] = info["loss"]
+        p.count_refined(refined, info)
         return qt
 
     return solve

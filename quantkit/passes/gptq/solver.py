@@ -124,6 +124,8 @@ def gptq_quantize(
     h.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
     if not static_scales:
+        if refine_sweeps:
+            raise ValueError("gptq refine_sweeps needs static scales (the grid it moves on is fixed beforehand)")
         if act_order:
             raise ValueError("gptq act_order needs static scales (scales fixed before the column loop)")
         return _dynamic(fmt, w, W, h, gs, g, block_size, dampening, observer)
