@@ -460,7 +460,7 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
                 for h in hooks:
                     h.remove()
             targets: dict[str, torch.Tensor] = {}
-            for n in xq:  # W* = argmin |W' X - W X~|^2 + lam |W' - W|^2 = W + W (C - H)(H + lam I)^-1, C = X~^T X:
+            for n in list(xq):  # W* = argmin |W' X - W X~|^2 + lam |W' - W|^2 = W + W (C - H)(H + lam I)^-1, C = X~^T X:
                 h = hs[n]  # GPTQ of W* on H then minimizes |Q X - W X~|^2 up to the ridge
                 c = torch.cat(xf.pop(n)).T @ torch.cat(xq.pop(n))
                 hd = h.double() + cfg["damp"] * h.diagonal().mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
