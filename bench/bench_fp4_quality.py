@@ -852,6 +852,10 @@ def _method(r: dict) -> str:
     rot = f" + {'random-sign ' if r.get('rsign') else ''}Hadamard {r['rot']}" if r.get("rot") else ""
     if r.get("ts"):
         gptq += " true-sequential"
+    if r.get("aq"):
+        gptq += " toward unquantized outputs"
+    if r.get("cd"):
+        gptq += f" + {r['cd']} CD sweeps" + (f" (damp {r['cdd']})" if r.get("cdd") is not None else "")
     if r.get("awq"):
         gptq = f"AWQ{' duo' if r['awq'] == 'duo' else ''} scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
     if r.get("r1"):
@@ -914,6 +918,8 @@ def write(out: dict, name: str) -> None:
                 "QuIP: random Hadamard 64 in + out" if r.get("method") == "quip_gptq" else "none")
         if r.get("r1"):
             rcol = "residual (offline)" + ("" if rcol == "none" else f" + {rcol}")
+        if r.get("orot"):
+            rcol += f" + output Hadamard {r['orot']}" + (f" on {r['orot_only']}_proj" if r.get("orot_only") else "")
         lines.append(
             f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | "
             f"{r['weight_rel_err']:.4f} | " if "weight_rel_err" in r else

@@ -89,6 +89,14 @@ _DEV32_PARTS = {
     "fp4_quality_awq5": ["--configs", f"mxfp4a16:{_M}:rot32:awq"],
     "fp4_quality_awq6": ["--configs", f"mxfp4a16:{_M}:rot64:awq=duo"],  # llm-compressor's duo scaling
     "fp4_quality_awq7": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq=duo"],
+    # session 10: an output-side rotation (QuIP's u), GPTQ's coordinate-descent refinement, the asymmetric target
+    "fp4_quality_orot1": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:orot64"],
+    "fp4_quality_orot2": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v"],
+    "fp4_quality_cd1": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=3"],
+    "fp4_quality_cd2": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3"],
+    "fp4_quality_cd3": ["--configs", f"mxfp4a16:{_M}:rot64:awq:cd=10:cdd=0.3"],
+    "fp4_quality_aq1": ["--configs", f"mxfp4a16:{_M}:rot64:awq:cd=10:cdd=0.3:aq"],
+    "fp4_quality_aq2": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:aq"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
@@ -102,6 +110,14 @@ _LAYER_SPECS = ",".join([
     "nvfp4a16:minmax:none", "nvfp4a16:e4m3_local:none", "nvfp4a16:four_over_six:none", "nvfp4a16:range_mse:none",
     "nvfp4a16:e4m3_local:channel", "nvfp4a16:e4m3_local:hessian", f"nvfp4a16:e4m3_local:hessian:{_GQ}",
     "nvfp4a16:minmax:none:rot16", *(f"nvfp4a16:e4m3_local:hessian:{_GQ}:rot{b}" for b in (16, 32, 64)),
+])
+# session 10: GPTQ's coordinate-descent refinement (sweeps, its dampening) at layers 5 and 20
+_REFINE_SPECS = ",".join([
+    f"nvfp4a16:{_G}:rot64", *(f"nvfp4a16:{_G}:rot64:cd={n}" for n in (1, 3, 10, 30)),
+    *(f"nvfp4a16:{_G}:rot64:cd=3:cdd={d}" for d in ("0.01", "0.03", "0.3", "1")), f"nvfp4a16:{_G}:rot64:cd=10:cdd=0.3",
+    "nvfp4a16:e4m3_local:hessian:gptq:damp=0.3:ao:rot64",
+    f"mxfp4a16:{_M}:rot64", *(f"mxfp4a16:{_M}:rot64:cd={n}" for n in (3, 10)), f"mxfp4a16:{_M}:rot64:cd=3:cdd=0.01",
+    f"mxfp4a16:{_M}:rot64:cd=10:cdd=0.3",
 ])
 _RULES = ",".join(f"mxfp4a16{r}:minmax:none" for r in ("", "_floor", "_rceil", "_ceil"))
 
@@ -121,6 +137,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                                                    "--name", "fp4_quality_gptq_s4"])],
     "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
                                                   "--name", "fp4_quality_layers"])],
+    "fp4_quality_refine_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _REFINE_SPECS,
+                                                         "--name", "fp4_quality_refine_layers"])],
     "fp4_rules": [("bench_fp4_quality", [*_Q16, "--configs", f"bf16,{_RULES}", "--name", "fp4_rules"])],
     "llm_int8": [("bench_llm_int8", [])],
     "quantvla": [("bench_quantvla", [])],
