@@ -97,6 +97,8 @@ _DEV32_PARTS = {
     "fp4_quality_cd3": ["--configs", f"mxfp4a16:{_M}:rot64:awq:cd=10:cdd=0.3"],
     "fp4_quality_aq1": ["--configs", f"mxfp4a16:{_M}:rot64:awq:cd=10:cdd=0.3:aq"],
     "fp4_quality_aq2": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:aq"],
+    "fp4_quality_cd4": ["--configs", f"nvfp4:{_G}:awq:cd=10:cdd=0.3"],
+    "fp4_quality_cd5": ["--configs", f"mxfp4:{_M}:rot32:awq:cd=10:cdd=0.3"],
 }
 # layer-level (layers 5 and 20, output error on dev text): the knob table's cells that a whole-model row is too
 # slow for on this machine, chosen to find what the ppl rows should try (docs/quality.md)
