@@ -147,18 +147,25 @@ def gptq_quantize(
         unperm = torch.empty_like(src)
         unperm[:, perm] = src
         src = unperm
-        h = h[torch.argsort(perm)][:, torch.argsort(perm)]
+        inv = torch.argsort(perm)
+        h = h[inv][:, inv]  # back to the checkpoint's column order, as src
     info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2}
     if refine_sweeps:
-        col_scales = scales[:, torch.arange(in_f, device=w.device) // g]
-        rounder = _column_rounder(fmt, col_scales, gs)
-        hd = h.clone()
-        hd.diagonal().add_((damp if refine_dampening is None else refine_dampening) * h.diagonal().mean())
-        what = torch.stack([rounder(src[:, j], j) for j in range(in_f)], dim=1)
-        with _single_thread_on_cpu(W.device):
-            src, info["refine"] = refine(w.float().masked_fill(dead[None, :], 0.0), what, hd, rounder, refine_sweeps)
+        src, info["refine"] = _refine_static(fmt, w.float().masked_fill(dead[None, :], 0.0), src, h, scales, gs, g,
+                                             damp if refine_dampening is None else refine_dampening, refine_sweeps)
     qt = fmt.encode(src, scales, gs)
     return qt, info
+
+
+def _refine_static(fmt, w, src, h, scales, gs, g, damp, sweeps) -> tuple[torch.Tensor, dict[str, Any]]:
+    """refine() on the column loop's result: each column's grid from its block's static scale, H dampened by
+    damp * mean(diag H)."""
+    rounder = _column_rounder(fmt, scales[:, torch.arange(w.shape[1], device=w.device) // g], gs)
+    hd = h.clone()
+    hd.diagonal().add_(damp * h.diagonal().mean())
+    what = torch.stack([rounder(src[:, j], j) for j in range(w.shape[1])], dim=1)  # the values GPTQ rounded to
+    with _single_thread_on_cpu(w.device):
+        return refine(w, what, hd, rounder, sweeps)
 
 
 def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps: int,
