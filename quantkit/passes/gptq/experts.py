@@ -56,7 +56,7 @@ def gptq_block_experts(p, blk, ctx) -> None:
     state["modules"] += len(names)
 
 
-def _solver(p, fmt, name: str, hs, losses: dict, refined: dict):
+def _solver(p, fmt, name: str, hs, losses: dict, state: dict | None = None):
     def solve(param: str, e: int, w: torch.Tensor, gs: torch.Tensor | None):
         h = hs.h.get(param, [None] * hs.num_experts)[e]
         if h is None:  # no routed token: nothing to compensate against
@@ -68,7 +68,8 @@ def _solver(p, fmt, name: str, hs, losses: dict, refined: dict):
         except SolverError as err:  # the solver's message names the knobs; add the expert
             raise SolverError(str(err).replace("gptq:", f"gptq ({name} expert {e}, {param}):", 1)) from None
         losses[f"{name}.{e}.{param}"] = info["loss"]
-        p.count_refined(refined, info)
+        if state is not None:  # the pass's scratch: the refinement's objective totals for the report
+            p.count_refined(state, info)
         return qt
 
     return solve
