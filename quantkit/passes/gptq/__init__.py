@@ -103,15 +103,16 @@ class Gptq(Quantize):
                                      weighting=self.weighting, **self.solver_refine())
         except SolverError as e:  # the solver's message names the knobs; add the layer
             raise SolverError(str(e).replace("gptq:", f"gptq ({name}):", 1)) from None
-        state["losses"][name] = info["loss"]
-        self.count_refined(state, info)
+        self.record(state, name, info)
         return build_qlinear(linear, qt, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
 
     def solver_refine(self) -> dict:
         return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening}
 
     @staticmethod
-    def count_refined(state: dict, info: dict) -> None:
+    def record(state: dict, key: str, info: dict) -> None:
+        """The solver's loss for the report, and the refinement's objective totals when it ran."""
+        state["losses"][key] = info["loss"]
         if "refine" in info:
             state["refined"][0] += info["refine"]["objective_before"]
             state["refined"][1] += info["refine"]["objective_after"]

@@ -41,7 +41,7 @@ def gptq_block_experts(p, blk, ctx) -> None:
         if static:
             scales[n] = input_global_scales(stats[n], blk.model.get_submodule(n), p.act_format, n)
         rtn[n] = [e for e in range(hs.num_experts) if int(hs.tokens[e]) == 0]
-        solvers[n] = _solver(p, fmt, n, hs, state["losses"], state)
+        solvers[n] = _solver(p, fmt, n, hs, state)
     before, after = quantize_named_experts(blk.model, names, p.format, p.mode, p.act_format, p.observer,
                                            scales or None, model_type=ctx.arch.model_type, solvers=solvers)
     for n in names:
@@ -56,7 +56,7 @@ def gptq_block_experts(p, blk, ctx) -> None:
     state["modules"] += len(names)
 
 
-def _solver(p, fmt, name: str, hs, losses: dict, state: dict | None = None):
+def _solver(p, fmt, name: str, hs, state: dict):
     def solve(param: str, e: int, w: torch.Tensor, gs: torch.Tensor | None):
         h = hs.h.get(param, [None] * hs.num_experts)[e]
         if h is None:  # no routed token: nothing to compensate against
@@ -67,9 +67,7 @@ def _solver(p, fmt, name: str, hs, losses: dict, state: dict | None = None):
                                      **p.solver_refine())
         except SolverError as err:  # the solver's message names the knobs; add the expert
             raise SolverError(str(err).replace("gptq:", f"gptq ({name} expert {e}, {param}):", 1)) from None
-        losses[f"{name}.{e}.{param}"] = info["loss"]
-        if state is not None:  # the pass's scratch: the refinement's objective totals for the report
-            p.count_refined(state, info)
+        p.record(state, f"{name}.{e}.{param}", info)
         return qt
 
     return solve

@@ -132,6 +132,7 @@ def gptq_quantize(
 
     scales, gs = choose_static_scales(fmt, W.to(w.dtype), gs, observer, _importance(h, weighting))  # [out, in/g]
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    h_cols = h  # in the checkpoint's column order (the refinement's)
     if perm is not None:
         W, h = W[:, perm], h[perm][:, perm]
     hinv, damp = _factor(h, dampening)
@@ -147,11 +148,9 @@ def gptq_quantize(
         unperm = torch.empty_like(src)
         unperm[:, perm] = src
         src = unperm
-        inv = torch.argsort(perm)
-        h = h[inv][:, inv]  # back to the checkpoint's column order, as src
     info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2}
     if refine_sweeps:
-        src, info["refine"] = _refine_static(fmt, w.float().masked_fill(dead[None, :], 0.0), src, h, scales, gs, g,
+        src, info["refine"] = _refine_static(fmt, w.float().masked_fill(dead[None, :], 0.0), src, h_cols, scales, gs, g,
                                              damp if refine_dampening is None else refine_dampening, refine_sweeps)
     qt = fmt.encode(src, scales, gs)
     return qt, info
@@ -163,7 +162,7 @@ def _refine_static(fmt, w, src, h, scales, gs, g, damp, sweeps) -> tuple[torch.T
     rounder = _column_rounder(fmt, scales[:, torch.arange(w.shape[1], device=w.device) // g], gs)
     hd = h.clone()
     hd.diagonal().add_(damp * h.diagonal().mean())
-    what = torch.stack([rounder(src[:, j], j) for j in range(w.shape[1])], dim=1)  # the values GPTQ rounded to
+    what = fmt.dequantize(fmt.encode(src, scales, gs), torch.float32)  # the values GPTQ rounded to
     with _single_thread_on_cpu(w.device):
         return refine(w, what, hd, rounder, sweeps)
 
