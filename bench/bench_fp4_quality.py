@@ -175,11 +175,18 @@ def parse_spec(spec: str) -> dict:
             out["cdd"] = float(f[4:])
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
+        elif f.startswith("rotd="):  # down_proj's own Hadamard block (its 1536 inputs allow up to 512)
+            out["rotd"] = int(f[5:])
         elif f.startswith("rot"):
             out["rot"] = int(f[3:])
         else:
             raise ValueError(f"unknown flag {f!r} in {spec}")
     return out
+
+
+def rot_block(cfg: dict, name: str) -> int:
+    """The Hadamard block of one linear's input under cfg: :rotd=N for down_proj, else :rotN (0: none)."""
+    return cfg["rotd"] if cfg.get("rotd") and name.endswith(".down_proj") else cfg["rot"]
 
 
 def _paley12() -> torch.Tensor:
@@ -746,16 +753,16 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
         if act is not None:
             raise ValueError(f"{spec}: layer-level rows are weight-only (the activation quantizer is not modelled)")
         fmt = get_format(fmt_name)
-        b = cfg["rot"]
-        turn = (lambda h: _rotated_hessian(h, b)) if b else (lambda h: h)
-        weights = {n: (rotate(model.get_submodule(n).weight.detach(), b) if b else model.get_submodule(n).weight.detach())
+        blk = {n: rot_block(cfg, n) for n in h_cal}
+        turn = {n: (lambda h, b=b: _rotated_hessian(h, b)) if b else (lambda h: h) for n, b in blk.items()}
+        weights = {n: (rotate(model.get_submodule(n).weight.detach(), blk[n]) if blk[n] else model.get_submodule(n).weight.detach())
                    .to(torch.bfloat16) for n in h_cal}  # the checkpoint's dtype, rotated before rounding as the pass does
         view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=weights[n]))
         gs = Quantize(format=fmt_name)._global_scales(view, SimpleNamespace(arch=arch), list(h_cal))
         t = time.time()
         err = ref = 0.0
         for n in h_cal:
-            w, hc, hd = weights[n], turn(h_cal[n]), turn(h_dev[n])
+            w, hc, hd = weights[n], turn[n](h_cal[n]), turn[n](h_dev[n])
             if cfg["gptq"]:
                 qt, _ = gptq_quantize(fmt, w, hc, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                       act_order=cfg["act_order"], weighting=cfg["weighting"],
