@@ -256,6 +256,7 @@ def awq_scale(model, cfg: dict, stats: dict) -> dict[str, float]:
     from quantkit.passes.awq import Awq
 
     awq = Awq(format=SCHEMES[cfg["scheme"]][0], rotation=cfg["rot"], grid=AWQ_GRID, duo_scaling=cfg["awq"] == "duo")
+    awq_down = awq.model_copy(update={"rotation": cfg.get("rotd") or cfg["rot"]})  # :rotd: down_proj's own block
     chosen: dict[str, float] = {}
 
     def rnd(t):
@@ -267,7 +268,7 @@ def awq_scale(model, cfg: dict, stats: dict) -> dict[str, float]:
                                 ("gate_up", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm),
                                 ("qkv", [at.q_proj, at.k_proj, at.v_proj], layer.input_layernorm)):
             first = pre + ("self_attn.q_proj" if key == "qkv" else f"mlp.{key.split('_')[0]}_proj")
-            alpha, sc, _errs = awq.search([lin.weight.to(torch.bfloat16) for lin in lins], stats[first]["h"],
+            alpha, sc, _errs = (awq_down if key == "down" else awq).search([lin.weight.to(torch.bfloat16) for lin in lins], stats[first]["h"],
                                           rms=stats[first]["sq"].double().sqrt())
             chosen[pre + key] = 0.0 if alpha is None else alpha
             if alpha is None:
@@ -345,6 +346,8 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
         raise ValueError("rsign: weight-only rotated GPTQ rows only")
     if cfg.get("rotsel") and (not cfg["rot"] or not cfg["gptq"] or cfg.get("rsign")):
         raise ValueError("rotsel: rotated GPTQ rows without random signs only")
+    if cfg.get("rotd") and (act is not None or not cfg["rot"] or cfg.get("rsign") or cfg.get("rotsel")):
+        raise ValueError("rotd: weight-only rows with a plain :rotN only")
     gs_plain = None
     if cfg.get("rotsel"):  # the unrotated alternative's global scales, as export takes them: from bf16
         plain_view = SimpleNamespace(get_submodule=lambda n: SimpleNamespace(weight=originals[n].to(torch.bfloat16)))
@@ -353,7 +356,8 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
         g = torch.Generator().manual_seed(0)
         signs = {n: (torch.randint(0, 2, (model.get_submodule(n).in_features,), generator=g) * 2 - 1).float()
                  for n in names} if cfg.get("rsign") else None
-        _rotate_weights(model, names, cfg["rot"], signs)
+        for b in sorted({rot_block(cfg, n) for n in names}):
+            _rotate_weights(model, [n for n in names if rot_block(cfg, n) == b], b, signs)
     if cfg.get("orot"):
         if act is not None or cfg.get("rotsel"):
             raise ValueError("orot: weight-only rows without rotsel only")
@@ -372,7 +376,8 @@ def quantize_model(model, cfg: dict, stats, calib: torch.Tensor) -> dict:
             w = model.get_submodule(n).weight.detach().to(torch.bfloat16)  # the checkpoint's values and dtype
             imp = _importance(stats[n], cfg, n)
             qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
-            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, cfg["rot"], dense)
+            _install(model, n, qt, act, _igs(act_fmt, stats[n], w.dtype, cfg["rot"]), torch.float32, rot_block(cfg, n),
+                     dense)
     for n, d in dense.items():  # unrounded: the fp32 forward sees exactly Q(W R) R^T
         model.get_submodule(n).weight.data = d
     err = ref = 0.0
@@ -400,8 +405,8 @@ def _importance(st: dict, cfg: dict, n: str) -> torch.Tensor | None:
     if cfg["weighting"] == "none":
         return None
     imp = st["sq" if cfg["weighting"] == "channel" else "h"]
-    if cfg["rot"]:  # statistics of the rotated input x R: E[(xR)^2] needs the full X^T X
-        h = _rotated_hessian(st["h"], cfg["rot"])
+    if rot_block(cfg, n):  # statistics of the rotated input x R: E[(xR)^2] needs the full X^T X
+        h = _rotated_hessian(st["h"], rot_block(cfg, n))
         imp = h.diagonal().clone() if cfg["weighting"] == "channel" else h
     return imp
 
@@ -484,7 +489,7 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
                                       act_order=cfg["act_order"], weighting=cfg["weighting"],
                                       refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"))
                 _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32,
-                         cfg["rot"], dense)
+                         rot_block(cfg, n), dense)
         store = _layer_outputs(layer, store)
         if fp_layer is not None:
             fp_store = _layer_outputs(fp_layer, fp_store)
@@ -865,6 +870,8 @@ def _method(r: dict) -> str:
         gptq += f" + {r['cd']} CD sweeps" + (f" (damp {r['cdd']})" if r.get("cdd") is not None else "")
     if r.get("awq"):
         gptq = f"AWQ{' duo' if r['awq'] == 'duo' else ''} scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
+    if r.get("rotd"):
+        rot += f" (down_proj {r['rotd']})"
     if r.get("r1"):
         rot = " + residual random Hadamard" + rot
     if r.get("rotsel"):
@@ -925,6 +932,8 @@ def write(out: dict, name: str) -> None:
                 "QuIP: random Hadamard 64 in + out" if r.get("method") == "quip_gptq" else "none")
         if r.get("r1"):
             rcol = "residual (offline)" + ("" if rcol == "none" else f" + {rcol}")
+        if r.get("rotd"):
+            rcol += f", down_proj {r['rotd']}"
         if r.get("orot"):
             rcol += f" + output Hadamard {r['orot']}" + (f" on {r['orot_only']}_proj" if r.get("orot_only") else "")
         lines.append(
