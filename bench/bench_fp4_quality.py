@@ -173,6 +173,8 @@ def parse_spec(spec: str) -> dict:
             out["cd"] = int(f[3:])
         elif f.startswith("cdd="):  # their dampening (default: GPTQ's)
             out["cdd"] = float(f[4:])
+        elif f.startswith("cds="):  # rounds of NVFP4 block-scale refinement alternated with the sweeps
+            out["cds"] = int(f[4:])
         elif f.startswith("damp="):
             out["damp"] = float(f[5:])
         elif f.startswith("rotd="):  # down_proj's own Hadamard block (its 1536 inputs allow up to 512)
@@ -487,7 +489,8 @@ def _gptq_model(model, cfg, fmt, gs, act, act_fmt, stats, calib, names, dense, a
                 # a rotated linear's Hessian hook runs after its rotation hook: h is already (x R)^T (x R)
                 qt, _ = gptq_quantize(fmt, w, h, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                       act_order=cfg["act_order"], weighting=cfg["weighting"],
-                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"))
+                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"),
+                                      refine_scale_rounds=cfg.get("cds", 0))
                 _install(model, n, qt, act, _igs(act_fmt, stats[n], torch.bfloat16, cfg["rot"]), torch.float32,
                          rot_block(cfg, n), dense)
         store = _layer_outputs(layer, store)
@@ -771,7 +774,8 @@ def layer_configs(layers: list[int], specs: list[str], calib: torch.Tensor, dev:
             if cfg["gptq"]:
                 qt, _ = gptq_quantize(fmt, w, hc, gs.get(n), dampening=cfg["damp"], observer=cfg["observer"],
                                       act_order=cfg["act_order"], weighting=cfg["weighting"],
-                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"))
+                                      refine_sweeps=cfg.get("cd", 0), refine_dampening=cfg.get("cdd"),
+                                      refine_scale_rounds=cfg.get("cds", 0))
             else:
                 imp = {"none": None, "channel": hc.diagonal().clone(), "hessian": hc}[cfg["weighting"]]
                 qt = OBSERVERS.get(cfg["observer"])(fmt, w, gs.get(n), imp)
@@ -868,6 +872,8 @@ def _method(r: dict) -> str:
         gptq += " toward unquantized outputs"
     if r.get("cd"):
         gptq += f" + {r['cd']} CD sweeps" + (f" (damp {r['cdd']})" if r.get("cdd") is not None else "")
+    if r.get("cds"):
+        gptq += f" + {r['cds']} scale rounds"
     if r.get("awq"):
         gptq = f"AWQ{' duo' if r['awq'] == 'duo' else ''} scales (mean alpha {r.get('awq_alpha_mean', float('nan')):.2f}) + " + gptq
     if r.get("rotd"):

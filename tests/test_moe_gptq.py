@@ -64,7 +64,7 @@ def test_gptq_solver_per_expert_equals_gptq_on_that_experts_matrix():
     weights = {p: getattr(experts, p).detach().clone() for p in ("gate_up_proj", "down_proj")}
     p = Gptq(format="nvfp4", block_size=16)
     losses = {}
-    state = {"losses": losses, "refined": [0.0, 0.0]}  # the pass's scratch entries the solver records into
+    state = {"losses": losses, "refined": [0.0, 0.0, 0]}  # the pass's scratch entries the solver records into
     q = quantize_experts(experts, "nvfp4", "real", solver=_solver(p, fmt, "experts", hs, state))
     for param, W in weights.items():
         got = q.qweights(param)

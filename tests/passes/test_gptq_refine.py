@@ -127,3 +127,67 @@ def test_pass_reports_the_refined_objective_and_changes_the_weights():
     b = refined.model.layers[1].mlp.down_proj.dequantized_weight()
     assert a.shape == b.shape and not torch.equal(a, b)
     assert "refine_sweeps" not in plain_ctx.report["gptq"]
+
+
+# -- NVFP4 block-scale refinement (refine_scale_rounds, solver.refine_block_scales) --------------------------
+def _e4m3_values() -> torch.Tensor:
+    return torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # the 126 finite positives
+
+
+def test_scale_rounds_lower_the_objective_and_the_checkpoint_holds_the_new_scales():
+    fmt = get_format("nvfp4")
+    w, h = _problem(5)
+    codes_only, a = gptq_quantize(fmt, w, h, dampening=0.1, act_order=True, refine_sweeps=10, refine_dampening=0.3)
+    both, b = gptq_quantize(fmt, w, h, dampening=0.1, act_order=True, refine_sweeps=10, refine_dampening=0.3,
+                            refine_scale_rounds=3)
+    hd = _damped(h, 0.3)
+    obj_a, obj_b = _objective(w, fmt.dequantize(codes_only), hd), _objective(w, fmt.dequantize(both), hd)
+    assert b["refine"]["scales_changed"] > 0
+    assert obj_b < obj_a  # a changed scale is only taken when strictly better, and the sweeps after never raise it
+    assert b["refine"]["objective_after"] == pytest.approx(obj_b, rel=1e-4)  # codes + new scales decode to it
+    assert not torch.equal(_bits(both.scale), _bits(codes_only.scale))
+    assert both.global_scale == codes_only.global_scale  # fused groups keep their shared global scale
+
+
+def test_one_block_per_row_gets_the_best_e4m3_scale_of_all_126_for_its_codes():
+    """With one 16-element block per row the rows are independent parabolas in the scale: the pass must pick,
+    for the codes it holds, the best of every finite E4M3 value (checked exhaustively)."""
+    from quantkit.passes.gptq.solver import refine_block_scales
+
+    fmt = get_format("nvfp4")
+    w, h = _problem(6, out=32, d=16)
+    w = w.float()
+    gs = fmt.weight_global_scale(w).float().reshape(1)
+    start = fmt.quantize(w, gs)
+    what = fmt.dequantize(start)
+    codes = what / fmt.divisor(start.scale, gs)  # [32, 1] scales: one block per row
+    new_what, new_scales, changed = refine_block_scales(w, what, h, start.scale, gs, 16)
+    assert changed > 0
+    cands = _e4m3_values()
+    for r in range(32):
+        e = w[r].double() - (codes[r].double()[None, :] * (cands.double() / gs.double())[:, None])  # [126, 16]
+        objs = ((e @ h.double()) * e).sum(1)
+        chosen = _objective(w[r:r + 1], new_what[r:r + 1], h)
+        assert chosen <= float(objs.min()) * (1 + 1e-6)
+        assert torch.allclose(new_what[r], codes[r] * new_scales[r].float() / gs, rtol=1e-6)
+
+
+def test_scale_rounds_are_nvfp4_only_and_need_sweeps():
+    w, h = _problem()
+    with pytest.raises(ValueError, match="NVFP4 only"):
+        gptq_quantize(get_format("mxfp4"), w, h, refine_sweeps=2, refine_scale_rounds=1)
+    with pytest.raises(ValueError, match="needs refine_sweeps"):
+        gptq_quantize(get_format("nvfp4"), w, h, refine_scale_rounds=1)
+
+
+def test_pass_refuses_scale_rounds_outside_nvfp4_or_without_sweeps_and_reports_them():
+    with pytest.raises(ValueError, match="for nvfp4"):
+        Gptq(format="mxfp4", refine_sweeps=2, refine_scale_rounds=1)
+    with pytest.raises(ValueError, match="needs refine_sweeps"):
+        Gptq(format="nvfp4", refine_scale_rounds=1)
+    model = _tiny_llama()
+    ctx = _ctx(model)
+    Gptq(format="nvfp4", mode="fake", refine_sweeps=3, refine_scale_rounds=2).run(model, ctx)
+    row = ctx.report["gptq"]
+    assert row["refine_scale_rounds"] == 2 and row["refine_scales_changed"] > 0
+    assert 0 < row["refine_objective_ratio"] < 1

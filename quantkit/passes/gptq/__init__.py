@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from quantkit.formats import get_format
@@ -62,6 +62,17 @@ class Gptq(Quantize):
     # dampened by refine_dampening (None: as the column loop's); solver.refine, docs/quality.md
     refine_sweeps: int = Field(0, ge=0)
     refine_dampening: float | None = Field(None, ge=0)
+    # NVFP4: rounds of one pass over the E4M3 block scales (codes fixed, each block's scale moved to the best
+    # representable value for its codes) alternated with the sweeps; solver.refine_block_scales
+    refine_scale_rounds: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _scale_rounds(self):
+        if self.refine_scale_rounds and get_format(self.format).name != "nvfp4":
+            raise ValueError(f"refine_scale_rounds is for nvfp4 (E4M3 block scales), not {self.format}")
+        if self.refine_scale_rounds and not self.refine_sweeps:
+            raise ValueError("refine_scale_rounds needs refine_sweeps > 0 (the codes are refined between scale passes)")
+        return self
 
     def requirements(self) -> frozenset[str]:
         return self.requires | super().requirements()
@@ -72,7 +83,7 @@ class Gptq(Quantize):
     def begin(self, ctx) -> None:
         super().begin(ctx)
         ctx.scratch[self._key()]["losses"] = {}
-        ctx.scratch[self._key()]["refined"] = [0.0, 0.0]  # objective before, after refinement (all linears)
+        ctx.scratch[self._key()]["refined"] = [0.0, 0.0, 0]  # objective before, after refinement; scales moved
 
     def run_block(self, blk, ctx) -> None:
         names = [n for n in blk.select(ctx.scratch[self._key()]["names"])
@@ -107,7 +118,8 @@ class Gptq(Quantize):
         return build_qlinear(linear, qt, mode=self.mode, act_format=self.act_format, input_global_scale=igs)
 
     def solver_refine(self) -> dict:
-        return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening}
+        return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening,
+                "refine_scale_rounds": self.refine_scale_rounds}
 
     @staticmethod
     def record(state: dict, key: str, info: dict) -> None:
@@ -116,6 +128,7 @@ class Gptq(Quantize):
         if "refine" in info:
             state["refined"][0] += info["refine"]["objective_before"]
             state["refined"][1] += info["refine"]["objective_after"]
+            state["refined"][2] += info["refine"].get("scales_changed", 0)
 
     def _method_info(self) -> dict:
         return {"method": "gptq"}
@@ -129,6 +142,8 @@ class Gptq(Quantize):
     def _refine_report(self, ctx) -> dict:
         if not self.refine_sweeps:
             return {}
-        before, after = ctx.scratch[self._key()]["refined"]
+        before, after, moved_scales = ctx.scratch[self._key()]["refined"]
+        scales = {"refine_scale_rounds": self.refine_scale_rounds, "refine_scales_changed": moved_scales} \
+            if self.refine_scale_rounds else {}
         return {"refine_sweeps": self.refine_sweeps, "refine_dampening": self.refine_dampening,
-                "refine_objective_ratio": round(after / before, 6) if before else None}
+                "refine_objective_ratio": round(after / before, 6) if before else None, **scales}

@@ -107,11 +107,14 @@ def gptq_quantize(
     weighting: str = "none",
     refine_sweeps: int = 0,
     refine_dampening: float | None = None,
+    refine_scale_rounds: int = 0,
 ) -> tuple[QTensor, dict[str, Any]]:
     """GPTQ-quantize w [out, in] given H [in, in] (sum of x x^T over calibration tokens).
 
     refine_sweeps > 0 (static scales): that many coordinate-descent sweeps over the rounded weights
-    after the column loop (``refine``), on H dampened as GPTQ's was (or by refine_dampening)."""
+    after the column loop (``refine``), on H dampened as GPTQ's was (or by refine_dampening).
+    refine_scale_rounds > 0 (NVFP4): then that many rounds of one pass over the E4M3 block scales
+    (``refine_block_scales``, codes fixed) followed by the code sweeps again."""
     out_f, in_f = w.shape
     g = group_size(fmt, in_f)
     if isinstance(fmt, FP4Format) and fmt.has_global_scale and global_scale is None:
@@ -124,7 +127,7 @@ def gptq_quantize(
     h.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
     if not static_scales:
-        if refine_sweeps:
+        if refine_sweeps or refine_scale_rounds:
             raise ValueError("gptq refine_sweeps needs static scales (the grid it moves on is fixed beforehand)")
         if act_order:
             raise ValueError("gptq act_order needs static scales (scales fixed before the column loop)")
@@ -149,22 +152,90 @@ def gptq_quantize(
         unperm[:, perm] = src
         src = unperm
     info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2}
+    if refine_scale_rounds and not (isinstance(fmt, FP4Format) and fmt.has_global_scale):
+        raise ValueError(f"gptq refine_scale_rounds: NVFP4 only (E4M3 block scales), not {fmt.name}")
+    if refine_scale_rounds and not refine_sweeps:
+        raise ValueError("gptq refine_scale_rounds needs refine_sweeps (codes are refined between scale passes)")
     if refine_sweeps:
-        src, info["refine"] = _refine_static(fmt, w.float().masked_fill(dead[None, :], 0.0), src, h_cols, scales, gs, g,
-                                             damp if refine_dampening is None else refine_dampening, refine_sweeps)
+        src, scales, info["refine"] = _refine_static(
+            fmt, w.float().masked_fill(dead[None, :], 0.0), src, h_cols, scales, gs, g,
+            damp if refine_dampening is None else refine_dampening, refine_sweeps, refine_scale_rounds)
     qt = fmt.encode(src, scales, gs)
     return qt, info
 
 
-def _refine_static(fmt, w, src, h, scales, gs, g, damp, sweeps) -> tuple[torch.Tensor, dict[str, Any]]:
+def _refine_static(fmt, w, src, h, scales, gs, g, damp, sweeps,
+                   scale_rounds: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """refine() on the column loop's result: each column's grid from its block's static scale, H dampened by
-    damp * mean(diag H)."""
-    rounder = _column_rounder(fmt, scales[:, torch.arange(w.shape[1], device=w.device) // g], gs)
+    damp * mean(diag H); with scale_rounds, alternated with refine_block_scales. -> (values, scales, info)."""
+    col_block = torch.arange(w.shape[1], device=w.device) // g
     hd = h.clone()
     hd.diagonal().add_(damp * h.diagonal().mean())
     what = fmt.dequantize(fmt.encode(src, scales, gs), torch.float32)  # the values GPTQ rounded to
     with _single_thread_on_cpu(w.device):
-        return refine(w, what, hd, rounder, sweeps)
+        what, info = refine(w, what, hd, _column_rounder(fmt, scales[:, col_block], gs), sweeps)
+        for _ in range(scale_rounds):
+            before = info["objective_after"]
+            what, scales, changed = refine_block_scales(w, what, hd, scales, gs, g)
+            info["scales_changed"] = info.get("scales_changed", 0) + changed
+            if not changed:
+                break
+            what, again = refine(w, what, hd, _column_rounder(fmt, scales[:, col_block], gs), sweeps)
+            info.update(objective_after=again["objective_after"], moved=info["moved"] + again["moved"],
+                        sweeps=info["sweeps"] + again["sweeps"])
+            if again["objective_after"] >= before:
+                break
+    return what, scales, info
+
+
+def refine_block_scales(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, scales: torch.Tensor,
+                        gs: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over NVFP4's E4M3 block scales, codes fixed, on tr((w - what) H (w - what)^T).
+
+    Block b of a row holds what_B = d c (c its E2M1 values, d = scale / gs). Moving d by t changes the
+    objective by -2 t (c . G_B) + t^2 (c H_BB c), G = (w - what) H: a parabola in t, so of the two E4M3
+    values around its minimum one is the best representable scale; the block keeps its scale unless that
+    one is strictly better. All rows at once, blocks in turn (G updated after each). -> (what, scales,
+    blocks changed)."""
+    from quantkit.formats.observers import E4M3_FIRST_CODE, E4M3_LAST_CODE
+
+    what, scales = what.clone(), scales.clone()
+    gsf = gs.float()
+    d = scales.float() / gsf  # [out, nb], the divisor nvfp4_divisor computes
+    lo_s = torch.tensor(E4M3_FIRST_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    hi_s = torch.tensor(E4M3_LAST_CODE, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    gr = (w - what) @ h
+    changed = 0
+    for b in range(scales.shape[1]):
+        cols = slice(b * g, (b + 1) * g)
+        c = what[:, cols] / d[:, b:b + 1]  # the E2M1 values (exact up to fp32 rounding; encode rounds them back)
+        num = (gr[:, cols] * c).sum(1)
+        den = ((c @ h[cols, cols]) * c).sum(1)
+        live = den > 0
+        target = ((d[:, b] + num / den.clamp_min(1e-30)) * gsf).clamp(lo_s, hi_s)
+        near = target.to(torch.float8_e4m3fn)
+        code = near.view(torch.uint8).to(torch.int16)
+        other = (code + torch.where(near.float() < target, 1, -1)).clamp(E4M3_FIRST_CODE, E4M3_LAST_CODE)
+        best_t = torch.zeros_like(num)
+        best_gain = torch.zeros_like(num)  # objective decrease; 0 = keep the current scale
+        for cand in (near.float(), other.to(torch.uint8).view(torch.float8_e4m3fn).float()):
+            t = cand / gsf - d[:, b]
+            gain = 2 * t * num - t * t * den
+            better = live & (gain > best_gain)
+            best_t, best_gain = torch.where(better, t, best_t), torch.where(better, gain, best_gain)
+        move = best_t != 0
+        if not move.any():
+            continue
+        rows = move.nonzero().squeeze(1)
+        new_s = ((d[rows, b] + best_t[rows]) * gsf).to(torch.float8_e4m3fn)
+        scales[rows, b] = new_s
+        new_d = new_s.float() / gsf
+        delta = c[rows] * (new_d - d[rows, b])[:, None]  # the block's values move with its scale
+        what[rows, cols] += delta
+        gr[rows] -= delta @ h[cols]
+        d[rows, b] = new_d
+        changed += int(rows.numel())
+    return what, scales, changed
 
 
 def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps: int,
