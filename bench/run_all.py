@@ -98,6 +98,8 @@ _DEV32_PARTS = {
     "fp4_quality_cd5": ["--configs", f"mxfp4:{_M}:rot32:awq:cd=10:cdd=0.3"],
     "fp4_quality_rd1": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:rotd=512"],
     "fp4_quality_rd2": ["--configs", f"mxfp4a16:{_M}:rot64:awq:cd=10:cdd=0.3:rotd=256"],
+    "fp4_quality_rd3": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3"],
+    "fp4_quality_rd4": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512"],
 }
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
@@ -120,6 +122,8 @@ _LAYER_SPECS = ",".join([
 # down_proj's own Hadamard block (its 1536 inputs allow 128-512; the other linears' 576 only 64)
 _ROTD_SPECS = ",".join(f"{s}:rot64:cd=10:cdd=0.3{'' if b is None else f':rotd={b}'}"
                        for s in (f"nvfp4a16:{_G}", f"mxfp4a16:{_M}") for b in (None, 128, 256, 512))
+# NVFP4 block scales refined with the codes (gptq refine_scale_rounds), alone and with down_proj's block 512
+_CDS_SPECS = ",".join(f"nvfp4a16:{_G}:rot64:cd=10:cdd=0.3{x}" for x in ("", ":cds=1", ":cds=3", ":rotd=512:cds=3"))
 _REFINE_SPECS = ",".join([
     f"nvfp4a16:{_G}:rot64", *(f"nvfp4a16:{_G}:rot64:cd={n}" for n in (1, 3, 10, 30)),
     *(f"nvfp4a16:{_G}:rot64:cd=3:cdd={d}" for d in ("0.01", "0.03", "0.3", "1")), f"nvfp4a16:{_G}:rot64:cd=10:cdd=0.3",
@@ -150,6 +154,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                                                          "--name", "fp4_quality_refine_layers"])],
     "fp4_quality_rotd_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _ROTD_SPECS,
                                                        "--name", "fp4_quality_rotd_layers"])],
+    "fp4_quality_cds_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _CDS_SPECS,
+                                                      "--name", "fp4_quality_cds_layers"])],
     "fp4_rules": [("bench_fp4_quality", [*_Q16, "--configs", f"bf16,{_RULES}", "--name", "fp4_rules"])],
     "llm_int8": [("bench_llm_int8", [])],
     "quantvla": [("bench_quantvla", [])],
