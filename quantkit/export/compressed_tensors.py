@@ -62,7 +62,9 @@ def scheme_dict(module: QLinear) -> dict:
 
 def _transform_entry(module: QLinear) -> dict:
     """The online input rotation (rotate pass) travels with the scheme until config_from splits it off."""
-    return {"input_transform": module.input_rotation} if getattr(module, "input_rotation", None) else {}
+    if not getattr(module, "input_rotation", None):
+        return {}
+    return {"input_transform": [getattr(module, "input_rotation_group", "v"), module.input_rotation]}
 
 
 def _to_ct(module: QLinear, qt) -> dict[str, torch.Tensor]:
@@ -89,7 +91,7 @@ def config_from(schemes: dict[str, dict], ignore: list[str]) -> dict:
 
     from quantkit.export.ct_transform import transform_config
 
-    rotated = {n: s["input_transform"] for n, s in schemes.items() if s.get("input_transform")}
+    rotated = {n: tuple(s["input_transform"]) for n, s in schemes.items() if s.get("input_transform")}
     schemes = {n: {k: v for k, v in s.items() if k != "input_transform"} for n, s in schemes.items()}
     groups: dict[str, list[str]] = {}
     by_key: dict[str, dict] = {}
@@ -185,7 +187,7 @@ def module_tensors(prefix: str, module: nn.Module) -> tuple[dict[str, torch.Tens
             if m.input_rotation:  # online input rotation: the matrix compressed-tensors registers
                 from quantkit.export.ct_transform import tensor_name, transform_tensor
 
-                out[tensor_name(name)] = transform_tensor(m.input_rotation)
+                out[tensor_name(name, m.input_rotation_group)] = transform_tensor(m.input_rotation)
         elif isinstance(m, nn.Linear):
             if getattr(m, "input_rotation", None):
                 raise QuantkitError(f"{name} has an online input rotation but is not quantized; quantkit writes "

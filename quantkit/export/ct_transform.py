@@ -26,8 +26,8 @@ SCHEME = "v"  # llm-compressor QuIPModifier's name for the input-side rotation
 PRECISION = torch.float32  # the online op's compute dtype (quantkit.nn.qlinear.rotate_input)
 
 
-def tensor_name(linear: str) -> str:
-    return f"{linear}.{SCHEME}_input.weight"
+def tensor_name(linear: str, group: str = SCHEME) -> str:
+    return f"{linear}.{group}_input.weight"
 
 
 def transform_tensor(block: int) -> torch.Tensor:
@@ -37,38 +37,45 @@ def transform_tensor(block: int) -> torch.Tensor:
     return sylvester(block, torch.device("cpu")).to(PRECISION).clone()
 
 
-def transform_config(rotated: dict[str, int], quantized: list[str], ignore: list[str]) -> dict:
-    """{} or the transform_config for these rotated linears (name -> block size).
+def transform_config(rotated: dict[str, tuple[str, int]], quantized: list[str], ignore: list[str]) -> dict:
+    """{} or the transform_config for these rotated linears (name -> (scheme name, block size)).
 
-    When every quantized linear is rotated the scheme targets "Linear" minus the unquantized
-    linears (the form QuIPModifier writes); otherwise it names each rotated linear.
+    One transform scheme per name, each with one block size (a scheme has one head_dim): the
+    rotate pass names the default block "v" and each other block "v<block>". When one scheme
+    covers every quantized linear it targets "Linear" minus the unquantized linears (the form
+    QuIPModifier writes); otherwise each scheme names its linears.
     """
     if not rotated:
         return {}
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
-    blocks = set(rotated.values())
-    if len(blocks) > 1:
-        raise QuantkitError(f"online rotations with different block sizes {sorted(blocks)} in one checkpoint; "
-                            "compressed-tensors' transform scheme holds one")
-    if set(rotated) == set(quantized):
-        targets, skip = ["Linear"], list(ignore)
-    else:
-        targets, skip = sorted(rotated), []
-    scheme = TransformScheme(
-        type="hadamard",
-        head_dim=blocks.pop(),
-        precision=PRECISION,
-        apply=[
-            TransformArgs(targets=targets, location="input", ignore=skip),
-            TransformArgs(targets=targets, location="weight_input", inverse=True, ignore=skip),
-        ],
-    )
-    return TransformConfig(config_groups={SCHEME: scheme}).model_dump()
+    by_group: dict[str, dict[str, int]] = {}
+    for name, (group, block) in rotated.items():
+        by_group.setdefault(group, {})[name] = block
+    schemes = {}
+    for group, members in sorted(by_group.items()):
+        blocks = set(members.values())
+        if len(blocks) > 1:
+            raise QuantkitError(f"online rotations with different block sizes {sorted(blocks)} in transform scheme "
+                                f"{group!r}; a compressed-tensors transform scheme holds one")
+        if len(by_group) == 1 and set(members) == set(quantized):
+            targets, skip = ["Linear"], list(ignore)
+        else:
+            targets, skip = sorted(members), []
+        schemes[group] = TransformScheme(
+            type="hadamard",
+            head_dim=blocks.pop(),
+            precision=PRECISION,
+            apply=[
+                TransformArgs(targets=targets, location="input", ignore=skip),
+                TransformArgs(targets=targets, location="weight_input", inverse=True, ignore=skip),
+            ],
+        )
+    return TransformConfig(config_groups=schemes).model_dump()
 
 
-def online_input_blocks(qc: dict) -> list[tuple[list[str], list[str], int]]:
-    """(targets, ignore, block) of each online hadamard `input` transform in a quantization_config.
+def online_input_blocks(qc: dict) -> list[tuple[list[str], list[str], int, str]]:
+    """(targets, ignore, block, scheme name) of each online hadamard `input` transform in a quantization_config.
 
     Raises for transforms quantkit's runtime does not apply (other types, randomized, online
     output/attention transforms), so a checkpoint is never run with a transform silently skipped.
@@ -84,7 +91,7 @@ def online_input_blocks(qc: dict) -> list[tuple[list[str], list[str], int]]:
                     or not scheme.get("head_dim"):
                 raise ModelLoadError(f"transform {name} ({scheme.get('type')}, {location}) is not applied by quantkit's "
                                     "runtime: only non-random hadamard input transforms with a head_dim are")
-            out.append((list(args.get("targets", [])), list(args.get("ignore", [])), int(scheme["head_dim"])))
+            out.append((list(args.get("targets", [])), list(args.get("ignore", [])), int(scheme["head_dim"]), name))
     return out
 
 
@@ -102,15 +109,20 @@ def attach_online_transforms(model: torch.nn.Module, qc: dict) -> int:
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, QLinear)):
             continue
-        block = next((b for targets, skip, b in entries
-                      if matches(name, module, targets) and not matches(name, module, skip)), None)
-        if block is None:
+        hits = [(b, g) for targets, skip, b, g in entries
+                if matches(name, module, targets) and not matches(name, module, skip)]
+        if not hits:
             continue
+        if len(hits) > 1:
+            raise ModelLoadError(f"{name} is targeted by {len(hits)} online input transforms "
+                                 f"({', '.join(g for _, g in hits)}); quantkit applies one per linear")
+        block, group = hits[0]
         if getattr(module, "input_rotation", None):
             raise QuantkitError(f"{name} already applies an online input rotation")
         if module.in_features % block:
             raise ModelLoadError(f"transform block {block} does not divide {name}'s input dim {module.in_features}")
         module.input_rotation = block
+        module.input_rotation_group = group
         if not isinstance(module, QLinear):
             module.register_forward_pre_hook(lambda _m, args, b=block: (rotate_input(args[0], b), *args[1:]),
                                              prepend=True)

@@ -93,6 +93,7 @@ class QLinear(nn.Module):
         # online Hadamard block size (the `rotate` pass): the weight was rotated offline, so every
         # input must be rotated too; written as a compressed-tensors transform_config
         self.input_rotation: int | None = None
+        self.input_rotation_group = "v"  # the compressed-tensors transform scheme it is written under
         if mode == "fake":
             self._dense = self.dequantized_weight(compute_dtype)
 
@@ -292,4 +293,5 @@ def quantize_linear(
         compute_dtype=compute_dtype or linear.weight.dtype,
     )
     q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
+    q.input_rotation_group = getattr(linear, "input_rotation_group", "v")  # its transform scheme's name
     return q

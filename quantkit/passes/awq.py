@@ -93,6 +93,7 @@ class Awq(Pass):
 
     format: str  # the weight format the search quantizes with (the later quantize/gptq pass's)
     rotation: int = Field(0, ge=0)  # a later rotate pass's online Hadamard block (0: none)
+    rotation_sizes: dict[str, int] = {}  # its per-role blocks (the rotate pass's block_sizes)
     grid: int = Field(20, gt=0)  # alpha in 0, 1/grid, ..., 1
     # llm-compressor's duo scaling: s = a^alpha / w^(1 - alpha), w the row-normalized weight magnitude per input
     # channel (no scaling stays a candidate); measured on SmolLM2 in docs/quality.md, session 9
@@ -115,6 +116,10 @@ class Awq(Pass):
             if p.rotation != block:
                 return (f"awq searches under rotation {p.rotation} but the recipe's online Hadamard block is {block}: "
                         f"set awq's rotation: {block}")
+            sizes = dict(later[0].block_sizes) if later else {}
+            if dict(p.rotation_sizes) != sizes:
+                return (f"awq searches under rotation_sizes {dict(p.rotation_sizes) or '{}'} but the rotate pass's "
+                        f"block_sizes are {sizes or '{}'}: set awq's rotation_sizes to match")
         return None
 
     def _key(self) -> str:
@@ -217,11 +222,13 @@ class Awq(Pass):
 
     # -- the search --------------------------------------------------------------------------
     @torch.no_grad()
-    def search(self, weights: list[torch.Tensor], h: torch.Tensor,
-               rms: torch.Tensor | None = None) -> tuple[float | None, torch.Tensor, list[float]]:
+    def search(self, weights: list[torch.Tensor], h: torch.Tensor, rms: torch.Tensor | None = None,
+               rotation: int | None = None) -> tuple[float | None, torch.Tensor, list[float]]:
         """(alpha, s, error per alpha on the grid) for [out, in] weights (the group's targets) reading an input with
         X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w.
-        rms: the input's per-channel RMS if the caller has it (default: from h's diagonal)."""
+        rms: the input's per-channel RMS if the caller has it (default: from h's diagonal). rotation: the
+        group's Hadamard block (default: the pass's `rotation`)."""
+        rot = self.rotation if rotation is None else rotation
         h = h.double()
         # the RMS up to a constant factor (sqrt of the token count), which s's normalization removes
         a = (h.diagonal().clamp_min(0).sqrt() if rms is None else rms.double()).clamp_min(1e-8)
@@ -229,29 +236,31 @@ class Awq(Pass):
             wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
                             for w in weights]).mean(0).clamp_min(1e-8)
         ones = torch.ones_like(a)
-        best = (self._error(weights, h, ones), None, ones)
+        best = (self._error(weights, h, ones, rot), None, ones)
         errs = []
         for k in range(self.grid + 1):
             alpha = k / self.grid
             s = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
             s = s / (s.max() * s.min()).sqrt()
-            e = self._error(weights, h, s)
+            e = self._error(weights, h, s, rot)
             errs.append(e)
             if e < best[0]:
                 best = (e, alpha, s)
         return best[1], best[2], errs
 
-    def _error(self, weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor) -> float:
+    def _error(self, weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor,
+               rotation: int | None = None) -> float:
         """sum of tr(D H D^T), D = deq(Q(W diag(s) R)) R^T diag(1/s) - W."""
         fmt, e = get_format(self.format), 0.0
+        rotation = self.rotation if rotation is None else rotation
         for w in weights:
             w64 = w.double()
             ws = w64 * s
-            if self.rotation:
-                ws = rotate(ws, self.rotation)
+            if rotation:
+                ws = rotate(ws, rotation)
             deq = fmt.dequantize(fmt.quantize(ws.to(w.dtype)), torch.float64)
-            if self.rotation:
-                deq = rotate(deq, self.rotation, inverse=True)
+            if rotation:
+                deq = rotate(deq, rotation, inverse=True)
             d = deq / s - w64
             e += float(((d @ h) * d).sum())
         return e
@@ -279,7 +288,9 @@ class Awq(Pass):
         for g, (kind, target) in plans:
             h = hs[f"{blk.prefix}.{g.names[0]}"]
             counted = [linear_weight(mods[n]).detach() for n in g.names if f"{blk.prefix}.{n}" in state["names"]]
-            alpha, s, _errs = self.search(counted, h)
+            role = ctx.arch.role_of(f"{blk.prefix}.{g.names[0]}")
+            rot = self.rotation_sizes.get(role[1], self.rotation) if role else self.rotation
+            alpha, s, _errs = self.search(counted, h, rotation=rot)
             if alpha is None or bool((s == 1).all()):
                 state["alphas"].append(0.0)
                 state["unscaled"] += 1

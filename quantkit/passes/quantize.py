@@ -37,6 +37,7 @@ def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | No
     q = QLinear(qweight, linear.bias, mode=mode, act_format=act_format, input_global_scale=input_global_scale,
                 compute_dtype=linear.weight.dtype)
     q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
+    q.input_rotation_group = getattr(linear, "input_rotation_group", "v")  # its transform scheme's name
     return q
 
 

@@ -213,3 +213,18 @@ def test_in_bf16_the_checks_leave_every_weight_bit_for_bit_and_find_the_same_fol
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert folds[("mlp.gate_proj", "mlp.up_proj")] is not None
     assert folds[("mlp.down_proj",)] == ("rows", "mlp.up_proj")
+
+
+def test_each_group_searches_under_its_role_rotation(monkeypatch):
+    """rotation_sizes: the group read by down_proj searches under its own block, the others under `rotation`."""
+    seen: dict[int, int] = {}
+    real = Awq.search
+
+    def spy(self, weights, h, rms=None, rotation=None):
+        seen[weights[0].shape[1]] = rotation  # the group's input width tells down_proj (128) from the rest (64)
+        return real(self, weights, h, rms, rotation)
+
+    monkeypatch.setattr(Awq, "search", spy)
+    model = _with_outlier_channels(tiny_model("llama"))
+    Awq(format="nvfp4", rotation=16, rotation_sizes={"down": 64}).run(model, _ctx(model))
+    assert seen == {64: 16, 128: 64}

@@ -168,3 +168,50 @@ def test_a_transform_quantkit_cannot_apply_is_refused_on_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="not applied by quantkit's runtime"):
         load_ct_checkpoint(tmp_path, torch.bfloat16)
+
+
+# -- per-role blocks (rotate's block_sizes): one transform scheme per block size -----------------------------
+def _per_role(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ctx = Context(model=model, tokenizer=None, arch=arch_info(model), device=torch.device("cpu"))
+    Rotate(block_size=16, fuse_vo=False, online=True, block_sizes={"down": 64}).run(model, ctx)
+    Quantize(format="nvfp4", mode="fake").run(model, ctx)
+    save_output(model, _NoTokenizer(), tmp_path)
+    return model
+
+
+def test_per_role_blocks_are_written_as_one_transform_scheme_per_block(tmp_path):
+    from compressed_tensors.transform import TransformConfig
+
+    model = _per_role(tmp_path)
+    assert model.model.layers[1].mlp.down_proj.input_rotation == 64
+    assert model.model.layers[1].mlp.up_proj.input_rotation == 16
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    groups = TransformConfig.model_validate(qc["transform_config"]).config_groups
+    assert sorted(groups) == ["v", "v64"]
+    assert groups["v"].head_dim == 16 and groups["v64"].head_dim == 64
+    downs = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert groups["v64"].apply[0].targets == downs
+    assert not set(downs) & set(groups["v"].apply[0].targets) and len(groups["v"].apply[0].targets) == 2 * 6
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.v64_input.weight").shape == (64, 64)
+        assert f.get_tensor("model.layers.0.mlp.up_proj.v_input.weight").shape == (16, 16)
+        assert not [k for k in f.keys() if k.endswith("down_proj.v_input.weight")]
+
+
+def test_per_role_blocks_round_trip_through_quantkit_and_compressed_tensors_runtimes(tmp_path):
+    from quantkit.verify.checkpoint import Checkpoint
+    from quantkit.verify.run_checks import apply_online_transforms
+
+    model = _per_role(tmp_path)
+    ours = _logprobs(model)
+    back = load_ct_checkpoint(tmp_path, torch.bfloat16)
+    assert back.model.layers[0].mlp.down_proj.input_rotation == 64
+    assert back.model.layers[0].mlp.down_proj.input_rotation_group == "v64"
+    assert torch.equal(_logprobs(back), ours)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert apply_online_transforms(Checkpoint(tmp_path), loaded) == 2  # compressed-tensors' own code, both schemes
+    assert torch.equal(_logprobs(loaded), ours)
+    full = verify_checkpoint(tmp_path)
+    assert full.ok, [f.message for f in full.errors]

@@ -178,3 +178,38 @@ def test_w4a4_activation_scales_come_from_rotated_inputs():
     rotated_amax = rotate_input(seen["x"], 16).abs().amax()
     assert torch.allclose(ctx.stats["act_amax"]["model.layers.0.self_attn.q_proj"].squeeze(), rotated_amax, rtol=1e-6)
     assert not torch.allclose(seen["x"].abs().amax(), rotated_amax, rtol=1e-2)  # rotation changed the amax
+
+
+def test_per_role_blocks_leave_logits_unchanged_and_reach_only_their_role():
+    model = _model()
+    ref = _logits(model)
+    ctx = _ctx(model)
+    Rotate(block_size=16, fuse_vo=False, online=True, block_sizes={"down": 128}).run(model, ctx)
+    mlp = model.model.layers[0].mlp
+    assert (mlp.down_proj.input_rotation, mlp.down_proj.input_rotation_group) == (128, "v128")
+    assert (mlp.gate_proj.input_rotation, mlp.gate_proj.input_rotation_group) == (16, "v")
+    assert ctx.report["rotate"]["block_sizes"] == {"down": 128}
+    assert _rel(_logits(model), ref) < 1e-5
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"online": True, "block_sizes": {"dwon": 64}}, "match no rotated linear"),
+    ({"online": False, "block_sizes": {"down": 64}}, "set online: true"),
+    ({"online": True, "block_sizes": {"down": 96}}, "does not divide|power of two"),
+])
+def test_bad_per_role_blocks_are_refused(kw, message):
+    model = _model()
+    with pytest.raises((RotationError, ValueError), match=message):
+        Rotate(block_size=16, fuse_vo=False, **kw).run(model, _ctx(model))
+
+
+def test_awq_must_search_under_the_same_per_role_blocks():
+    base = {"name": "r", "passes": [
+        {"pass": "calibrate", "collect_stats": False},
+        {"pass": "awq", "format": "nvfp4", "rotation": 16},
+        {"pass": "rotate", "block_size": 16, "fuse_vo": False, "online": True, "block_sizes": {"down": 64}},
+        {"pass": "quantize", "format": "nvfp4"}]}
+    with pytest.raises(RecipeError, match="rotation_sizes"):
+        parse_recipe(base)
+    base["passes"][1]["rotation_sizes"] = {"down": 64}
+    assert parse_recipe(base).passes[1].rotation_sizes == {"down": 64}

@@ -37,13 +37,31 @@ class Rotate(Pass):
     fuse_vo: bool = True  # rotate v_proj's output and o_proj's input per head (offline, exact)
     online: bool = False  # also rotate the inputs of `targets` at run time (compressed-tensors transform_config)
     targets: Targets = Targets()  # the linears that get an online input rotation
+    # online rotations only: a role's own block (e.g. {down: 512}: down_proj's wider input allows a larger one);
+    # each distinct block is written as its own transform scheme ("v" for block_size, "v<block>" for others)
+    block_sizes: dict[str, int] = {}
 
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
+        if v < 1 or v & (v - 1):
             raise ValueError(f"Hadamard block size must be a power of two, got {v}")
         return v
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _powers_of_two(cls, v: dict[str, int]) -> dict[str, int]:
+        for role, b in v.items():
+            if b < 1 or b & (b - 1):
+                raise ValueError(f"Hadamard block size must be a power of two, got {role}: {b}")
+        return v
+
+    def block_for(self, role: str | None) -> int:
+        """The online rotation's block for a linear of this role."""
+        return self.block_sizes.get(role, self.block_size) if role else self.block_size
+
+    def group_for(self, block: int) -> str:
+        return "v" if block == self.block_size else f"v{block}"
 
     @classmethod
     def recipe_problem(cls, passes: list, save: bool, layout: str) -> str | None:
@@ -70,6 +88,13 @@ class Rotate(Pass):
         if ctx.quantized:  # a direct call (recipes are refused earlier): QLinear codes cannot be rotated
             raise RotationError("rotate: the model is already quantized; put the rotate pass before quantize/gptq")
         names = self.targets.select(ctx.model, ctx.arch) if self.online else []
+        if self.block_sizes and not self.online:
+            raise RotationError("rotate: block_sizes sets online rotations' blocks; set online: true or drop it")
+        roles = {r[1] for r in map(ctx.arch.role_of, names) if r}
+        unknown = sorted(set(self.block_sizes) - roles)
+        if unknown:
+            raise RotationError(f"rotate: block_sizes role(s) {', '.join(unknown)} match no rotated linear; "
+                                f"the roles here are {', '.join(sorted(roles)) or 'none'}")
         ctx.scratch[self._key()] = {"online": names, "fused": 0, "rotated": 0}
 
     def run_block(self, blk, ctx) -> None:
@@ -87,10 +112,11 @@ class Rotate(Pass):
         for name in blk.select(state["online"]):
             if name == fused_o:
                 continue  # its input is already rotated by the fused R; a second R would undo it (R R = I)
-            attach_online_rotation(name, blk.model.get_submodule(name), self.block_size)
+            block = self.block_for((arch.role_of(name) or (None, None))[1])
+            attach_online_rotation(name, blk.model.get_submodule(name), block, self.group_for(block))
             state["rotated"] += 1
 
     def finish(self, ctx) -> None:
         state = ctx.scratch[self._key()]
         ctx.record(self.name, block_size=self.block_size, fused_vo_blocks=state["fused"],
-                   online_linears=state["rotated"])
+                   online_linears=state["rotated"], **({"block_sizes": dict(self.block_sizes)} if self.block_sizes else {}))

@@ -17,7 +17,8 @@ from quantkit.passes.rotate.hadamard import RotationError, check_block, rotate
 
 
 @torch.no_grad()
-def attach_online_rotation(name: str, linear: nn.Module, block: int) -> None:
+def attach_online_rotation(name: str, linear: nn.Module, block: int, group: str = "v") -> None:
+    """group: the compressed-tensors transform scheme the rotation is written under (one block size each)."""
     if isinstance(linear, QLinear):
         raise RotationError(f"rotate: {name} is already quantized; put the rotate pass before quantize/gptq")
     if type(linear) is not nn.Linear:
@@ -28,4 +29,5 @@ def attach_online_rotation(name: str, linear: nn.Module, block: int) -> None:
     check_block(block, linear.in_features)
     linear.weight.copy_(rotate(linear.weight, block))  # W R, computed in float64
     linear.input_rotation = block
+    linear.input_rotation_group = group
     linear.register_forward_pre_hook(lambda _m, args: (rotate_input(args[0], block), *args[1:]), prepend=True)
