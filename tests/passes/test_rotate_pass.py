@@ -195,7 +195,8 @@ def test_per_role_blocks_leave_logits_unchanged_and_reach_only_their_role():
 @pytest.mark.parametrize("kw, message", [
     ({"online": True, "block_sizes": {"dwon": 64}}, "match no rotated linear"),
     ({"online": False, "block_sizes": {"down": 64}}, "set online: true"),
-    ({"online": True, "block_sizes": {"down": 96}}, "does not divide|power of two"),
+    ({"online": True, "block_sizes": {"down": 96}}, "power of two"),
+    ({"online": True, "block_sizes": {"down": 256}}, r"256 does not divide model\.layers\.0\.mlp\.down_proj's input dim 128"),
 ])
 def test_bad_per_role_blocks_are_refused(kw, message):
     model = _model()
