@@ -259,15 +259,16 @@ def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps
             i2 = min(i1 + block, n)
             g1 = g_[:, i1:i2].clone()
             h1 = h[i1:i2, i1:i2]
-            d1 = torch.zeros_like(g1)
-            for i in range(i2 - i1):
-                j = i1 + i
-                new = rounder(what[:, j] + g1[:, i] / h1[i, i], j)
-                delta = new - what[:, j]
-                what[:, j] = new
-                d1[:, i] = delta
-                g1 -= delta[:, None] * h1[i][None, :]
-                moved += int((delta != 0).sum())
+            hrows, hdiag = h1.unbind(0), h1.diagonal().unbind(0)
+            w1 = what[:, i1:i2]  # a view: columns are written in place
+            start = w1.clone()
+            for i, col in enumerate(w1.unbind(1)):
+                new = rounder(col + g1[:, i] / hdiag[i], i1 + i)
+                delta = new - col
+                col.copy_(new)
+                g1 -= delta[:, None] * hrows[i][None, :]
+            d1 = w1 - start  # each column moved once in this block: the same deltas as above
+            moved += int((d1 != 0).sum())
             g_[:, i1:i2] = g1
             if i1:
                 g_[:, :i1] -= d1 @ h[i1:i2, :i1]
@@ -302,8 +303,8 @@ def _column_rounder(fmt: Format, col_scales: torch.Tensor, gs: torch.Tensor | No
     if isinstance(fmt, FP4Format):
         from quantkit.formats.observers import fast_round_e2m1
 
-        d = fmt.divisor(col_scales, gs)  # [out, n] fp32
-        return lambda c, i: fast_round_e2m1(c / d[:, i]).mul_(d[:, i])
+        d = fmt.divisor(col_scales, gs).unbind(1)  # [out] fp32 per column
+        return lambda c, i: fast_round_e2m1(c / d[i]).mul_(d[i])
     return lambda c, i: _qdq_column(fmt, c, col_scales[:, i], gs)
 
 
