@@ -39,7 +39,7 @@ from quantkit.calib import read_texts, token_stream  # noqa: E402
 from quantkit.formats import get_format  # noqa: E402
 from quantkit.formats.observers import OBSERVERS  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
-from quantkit.nn.qlinear import QLinear  # noqa: E402
+from quantkit.nn.qlinear import QLinear, rotate_input  # noqa: E402
 from quantkit.passes.gptq import input_stages  # noqa: E402  (true-sequential stages, the gptq pass's)
 from quantkit.passes.quantize import Quantize  # noqa: E402
 from quantkit.passes.rotate.hadamard import rotate  # noqa: E402
@@ -295,8 +295,9 @@ def _rotate_weights(model, names: list[str], block: int, signs: dict | None = No
         s = signs[n] if signs else None  # R = diag(s) H; no multiply at all without signs
         lin.weight.data = rotate(lin.weight.data if s is None else lin.weight.data * s, block)
         lin._bench_rot_sign = s
+        # the online op as quantkit's runtime and compressed-tensors compute it (fp32; since session 11, was float64)
         lin._bench_rot_hook = lin.register_forward_pre_hook(
-            lambda _m, args, b=block, s=s: (rotate(args[0] if s is None else args[0] * s.to(args[0].dtype), b),
+            lambda _m, args, b=block, s=s: (rotate_input(args[0] if s is None else args[0] * s.to(args[0].dtype), b),
                                             *args[1:]))
 
 
