@@ -149,6 +149,9 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                           ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--peers-from", "fp4_quality_s4",
                                                  "--name", "fp4_quality_dev32"])],
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
+    # rd4b's config before the bench's online op became fp32 (not merged: one row per config in fp4_quality_dev32)
+    "fp4_quality_rd4": [("bench_fp4_quality", [*_Q32, "--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512",
+                                               "--name", "fp4_quality_rd4"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
     "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
