@@ -19,8 +19,6 @@ SKIPPED = {"masa-20", "masa-50", "fp8-block", "quantvla-nvfp4"}
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml") if p.stem not in SKIPPED)
 # the QuantVLA recipes target a VLA's DiT; on a decoder-only model their passes act on the LLM
 EXTRA = {r: ["--set", "passes.2.scope=llm", "--set", "passes.3.scope=llm"] for r in ("quantvla-nvfp4", "quantvla-w4a8")}
-# nvfp4-w4a16-best's down_proj block (512) needs a wider MLP than the tiny model's 128
-EXTRA["nvfp4-w4a16-best"] = ["--set", "passes.1.rotation_sizes.down=128", "--set", "passes.2.block_sizes.down=128"]
 
 
 def test_every_compressed_tensors_recipe_is_covered():
