@@ -100,8 +100,9 @@ _DEV32_PARTS = {
     "fp4_quality_rd3": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3"],
     "fp4_quality_rd5": ["--configs", f"nvfp4:{_G}:awq:cd=10:cdd=0.3:cds=3"],
     "fp4_quality_rd6": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=1:rotd=512"],
-    # rd4's config again after the bench's online op became the runtime's fp32 one and the refinement's loop got
-    # faster (same codes): rd4 itself (bench/results/fp4_quality_rd4.*) stays out of the merge, one row per config
+    "fp4_quality_rd4": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512"],
+    # rd4's config again after the bench's online op became the runtime's fp32 one (was float64) and the
+    # refinement's loop got faster (same codes): the merge keeps both rows (different NLLs)
     "fp4_quality_rd4b": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512"],
 }
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
@@ -149,9 +150,6 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                           ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--peers-from", "fp4_quality_s4",
                                                  "--name", "fp4_quality_dev32"])],
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
-    # rd4b's config before the bench's online op became fp32 (not merged: one row per config in fp4_quality_dev32)
-    "fp4_quality_rd4": [("bench_fp4_quality", [*_Q32, "--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512",
-                                               "--name", "fp4_quality_rd4"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
     "fp4_quality_layers": [("bench_fp4_quality", ["--gptq-knobs", "5,20", "--layer-configs", _LAYER_SPECS,
