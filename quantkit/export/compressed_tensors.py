@@ -64,7 +64,7 @@ def _transform_entry(module: QLinear) -> dict:
     """The online input rotation (rotate pass) travels with the scheme until config_from splits it off."""
     if not getattr(module, "input_rotation", None):
         return {}
-    return {"input_transform": [getattr(module, "input_rotation_group", "v"), module.input_rotation]}
+    return {"input_transform": [module.input_rotation_group, module.input_rotation]}
 
 
 def _to_ct(module: QLinear, qt) -> dict[str, torch.Tensor]:

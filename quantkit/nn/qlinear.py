@@ -292,6 +292,12 @@ def quantize_linear(
         input_global_scale=input_global_scale,
         compute_dtype=compute_dtype or linear.weight.dtype,
     )
-    q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
-    q.input_rotation_group = getattr(linear, "input_rotation_group", "v")  # its transform scheme's name
+    return inherit_rotation(q, linear)
+
+
+def inherit_rotation(q: QLinear, linear: nn.Module) -> QLinear:
+    """The rotate pass's online input rotation (block and transform scheme name) carried onto the QLinear built
+    from `linear`."""
+    q.input_rotation = getattr(linear, "input_rotation", None)
+    q.input_rotation_group = getattr(linear, "input_rotation_group", q.input_rotation_group)
     return q

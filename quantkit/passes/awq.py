@@ -228,7 +228,6 @@ class Awq(Pass):
         X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w.
         rms: the input's per-channel RMS if the caller has it (default: from h's diagonal). rotation: the
         group's Hadamard block (default: the pass's `rotation`)."""
-        rot = self.rotation if rotation is None else rotation
         h = h.double()
         # the RMS up to a constant factor (sqrt of the token count), which s's normalization removes
         a = (h.diagonal().clamp_min(0).sqrt() if rms is None else rms.double()).clamp_min(1e-8)
@@ -236,13 +235,13 @@ class Awq(Pass):
             wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
                             for w in weights]).mean(0).clamp_min(1e-8)
         ones = torch.ones_like(a)
-        best = (self._error(weights, h, ones, rot), None, ones)
+        best = (self._error(weights, h, ones, rotation), None, ones)
         errs = []
         for k in range(self.grid + 1):
             alpha = k / self.grid
             s = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
             s = s / (s.max() * s.min()).sqrt()
-            e = self._error(weights, h, s, rot)
+            e = self._error(weights, h, s, rotation)
             errs.append(e)
             if e < best[0]:
                 best = (e, alpha, s)
@@ -289,8 +288,8 @@ class Awq(Pass):
             h = hs[f"{blk.prefix}.{g.names[0]}"]
             counted = [linear_weight(mods[n]).detach() for n in g.names if f"{blk.prefix}.{n}" in state["names"]]
             role = ctx.arch.role_of(f"{blk.prefix}.{g.names[0]}")
-            rot = self.rotation_sizes.get(role[1], self.rotation) if role else self.rotation
-            alpha, s, _errs = self.search(counted, h, rotation=rot)
+            block = self.rotation_sizes.get(role[1] if role else None, self.rotation)  # the group's own Hadamard
+            alpha, s, _errs = self.search(counted, h, rotation=block)
             if alpha is None or bool((s == 1).all()):
                 state["alphas"].append(0.0)
                 state["unscaled"] += 1

@@ -9,7 +9,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from quantkit.formats import FORMATS, get_format
-from quantkit.nn.qlinear import QLinear, quantize_linear
+from quantkit.nn.qlinear import QLinear, inherit_rotation, quantize_linear
 from quantkit.passes.base import Pass, register_pass
 from quantkit.targets import Conv1D, Targets, linear_weight, set_module  # noqa: F401  (re-exported)
 
@@ -36,9 +36,7 @@ def build_qlinear(linear: nn.Module, qweight, *, mode: str, act_format: str | No
         qweight.meta["conv1d"] = True  # weight stored [in, out]: the writer and runtime must know
     q = QLinear(qweight, linear.bias, mode=mode, act_format=act_format, input_global_scale=input_global_scale,
                 compute_dtype=linear.weight.dtype)
-    q.input_rotation = getattr(linear, "input_rotation", None)  # the rotate pass's online transform
-    q.input_rotation_group = getattr(linear, "input_rotation_group", "v")  # its transform scheme's name
-    return q
+    return inherit_rotation(q, linear)  # the rotate pass's online transform
 
 
 @register_pass

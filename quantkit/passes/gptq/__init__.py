@@ -14,7 +14,7 @@ from quantkit.formats import get_format
 from quantkit.nn.qlinear import QLinear
 from quantkit.passes.base import register_pass
 from quantkit.errors import QuantkitError, SolverError
-from quantkit.passes.gptq.solver import gptq_quantize
+from quantkit.passes.gptq.solver import check_refine, gptq_quantize
 from quantkit.passes.input_stats import input_second_moments
 from quantkit.passes.quantize import Quantize, build_qlinear
 from quantkit.targets import linear_weight
@@ -68,10 +68,7 @@ class Gptq(Quantize):
 
     @model_validator(mode="after")
     def _scale_rounds(self):
-        if self.refine_scale_rounds and get_format(self.format).name != "nvfp4":
-            raise ValueError(f"refine_scale_rounds is for nvfp4 (E4M3 block scales), not {self.format}")
-        if self.refine_scale_rounds and not self.refine_sweeps:
-            raise ValueError("refine_scale_rounds needs refine_sweeps > 0 (the codes are refined between scale passes)")
+        check_refine(get_format(self.format), self.refine_sweeps, self.refine_scale_rounds)
         return self
 
     def requirements(self) -> frozenset[str]:

@@ -115,6 +115,7 @@ def gptq_quantize(
     after the column loop (``refine``), on H dampened as GPTQ's was (or by refine_dampening).
     refine_scale_rounds > 0 (NVFP4): then that many rounds of one pass over the E4M3 block scales
     (``refine_block_scales``, codes fixed) followed by the code sweeps again."""
+    check_refine(fmt, refine_sweeps, refine_scale_rounds)
     out_f, in_f = w.shape
     g = group_size(fmt, in_f)
     if isinstance(fmt, FP4Format) and fmt.has_global_scale and global_scale is None:
@@ -152,16 +153,21 @@ def gptq_quantize(
         unperm[:, perm] = src
         src = unperm
     info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2}
-    if refine_scale_rounds and not (isinstance(fmt, FP4Format) and fmt.has_global_scale):
-        raise ValueError(f"gptq refine_scale_rounds: NVFP4 only (E4M3 block scales), not {fmt.name}")
-    if refine_scale_rounds and not refine_sweeps:
-        raise ValueError("gptq refine_scale_rounds needs refine_sweeps (codes are refined between scale passes)")
     if refine_sweeps:
         src, scales, info["refine"] = _refine_static(
             fmt, w.float().masked_fill(dead[None, :], 0.0), src, h_cols, scales, gs, g,
             damp if refine_dampening is None else refine_dampening, refine_sweeps, refine_scale_rounds)
     qt = fmt.encode(src, scales, gs)
     return qt, info
+
+
+def check_refine(fmt: Format, sweeps: int, scale_rounds: int) -> None:
+    """The refinement settings a format allows (the solver's and the gptq pass's check): scale rounds move
+    E4M3 block scales (NVFP4 only) and alternate with code sweeps."""
+    if scale_rounds and not (isinstance(fmt, FP4Format) and fmt.has_global_scale):
+        raise ValueError(f"refine_scale_rounds is for nvfp4 only (E4M3 block scales), not {fmt.name}")
+    if scale_rounds and not sweeps:
+        raise ValueError("refine_scale_rounds needs refine_sweeps > 0 (the codes are refined between scale passes)")
 
 
 def _refine_static(fmt, w, src, h, scales, gs, g, damp, sweeps,

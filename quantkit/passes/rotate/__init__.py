@@ -61,7 +61,9 @@ class Rotate(Pass):
         return self.block_sizes.get(role, self.block_size) if role else self.block_size
 
     def group_for(self, block: int) -> str:
-        return "v" if block == self.block_size else f"v{block}"
+        from quantkit.export.ct_transform import SCHEME
+
+        return SCHEME if block == self.block_size else f"{SCHEME}{block}"
 
     @classmethod
     def recipe_problem(cls, passes: list, save: bool, layout: str) -> str | None:
