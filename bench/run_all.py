@@ -105,6 +105,18 @@ _DEV32_PARTS = {
     # refinement's loop got faster (same codes): the merge keeps both rows (different NLLs)
     "fp4_quality_rd4b": ["--configs", f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3:cds=3:rotd=512"],
 }
+# session 12: NVFP4A16's finalists (session 10's choice and session 11's rows) chosen again on every development
+# window (167 x 512 tokens from all 19 development articles; 32 windows covered the first 5): one config's dev ppl
+# moved 0.255 on 32 windows when only the rotation's rounding changed (docs/quality.md, "Session 12")
+_QALL = ["--windows", "16", "--dev-windows", "167", "--no-tiny"]
+_NV_FINAL = f"nvfp4a16:{_G}:ts:rot64:awq:cd=10:cdd=0.3"
+_DEVALL_PARTS = {
+    "fp4_quality_da_a": ["--configs", f"bf16,{_NV_FINAL}"],
+    "fp4_quality_da_b": ["--configs", f"{_NV_FINAL}:rotd=512"],
+    "fp4_quality_da_c": ["--configs", f"{_NV_FINAL}:cds=3:rotd=512"],
+    "fp4_quality_da_d": ["--configs", f"{_NV_FINAL}:cds=1:rotd=512"],
+    "fp4_quality_da_e": ["--configs", f"{_NV_FINAL}:cds=3"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -149,6 +161,9 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_dev32": [*(("bench_fp4_quality", [*_Q32, "--name", n, *a]) for n, a in _DEV32_PARTS.items()),
                           ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--peers-from", "fp4_quality_s4",
                                                  "--name", "fp4_quality_dev32"])],
+    "fp4_quality_devall": [*(("bench_fp4_quality", [*_QALL, "--name", n, *a]) for n, a in _DEVALL_PARTS.items()),
+                           ("bench_fp4_quality", ["--merge", ",".join(_DEVALL_PARTS), "--peers-from", "fp4_quality_s4",
+                                                  "--name", "fp4_quality_devall"])],
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
