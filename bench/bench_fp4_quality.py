@@ -605,13 +605,14 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
 
 
 # -- llm-compressor in the same run ------------------------------------------------------------
-def run_peer_config(spec: str, heldout_file: Path, dev_file: Path | None, calib_file: Path) -> dict:
-    """spec SCHEME:method (bench/peers/run_llmc_quality.py METHODS) -> a row scored on the same windows."""
+def run_peer_config(spec: str, heldout_file: Path, dev_file: Path | None, calib_file: Path, run: str) -> dict:
+    """spec SCHEME:method (bench/peers/run_llmc_quality.py METHODS) -> a row scored on the same windows
+    (run: this results file's stem, so that parts running side by side keep their own files)."""
     from bench.peers.common import peer_available, peer_python
     from quantkit.models import default_model_dir
 
     scheme, method = spec.split(":")
-    out = WORK / f"llmc_{scheme}_{method}.json"
+    out = WORK / f"{run}_llmc_{scheme}_{method}.json"
     out.unlink(missing_ok=True)
     windows = [str(heldout_file)] + ([str(dev_file)] if dev_file else [])
     row = {"config": f"llmc:{spec}", "tool": "llm-compressor", "scheme": PEER_SCHEMES[scheme], "method": method}
@@ -1011,7 +1012,9 @@ def merge_rows(stems: list[str], parts: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser()
-    p.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens (the first N; 0: all)")
+    p.add_argument("--heldout-every", type=int, default=1, help="keep every Kth of those held-out windows (with "
+                   "--windows 0 and K 4: about 59 windows from all 19 held-out articles; the first 16 are one article)")
     p.add_argument("--dev-windows", type=int, default=8, help="development windows of 512 tokens")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help="bf16 or scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN], ...; empty: none")
@@ -1030,6 +1033,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "table for the goal ratios, held-out columns only (its dev split may have other windows); its bf16 "
                    "row must have the same held-out NLLs as the merged parts'")
     args = p.parse_args(argv)
+    if args.heldout_every < 1:
+        p.error(f"--heldout-every must be at least 1, not {args.heldout_every}")
     if args.merge:  # processes run side by side on the shared machine, one table
         parts = [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge.split(",")]
         out = parts[0] | {"rows": merge_rows(args.merge.split(","), parts), "merged_from": {
@@ -1070,14 +1075,18 @@ def main(argv: list[str] | None = None) -> dict:
                           on_row=lambda rs: write_gptq(rs, layers, env, args.name), knobs=knobs or None)
         return {"rows": rows}
     dev = windows_of(tok, dev_texts, args.dev_windows, None)
-    heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows)  # quantkit eval's windows (BOS)
+    heldout = eval_windows(model, tok, seq_len=SEQ_LEN, max_windows=args.windows or None)  # quantkit eval's (BOS)
+    n_held = heldout.shape[0]
+    heldout = heldout[:: args.heldout_every].contiguous()
     del model
     WORK.mkdir(parents=True, exist_ok=True)
     files = {}
     for n, t in (("calib", calib), ("dev", dev), ("heldout", heldout)):
-        files[n] = WORK / f"{n}_{t.shape[0]}x{SEQ_LEN}.npy"
+        files[n] = WORK / f"{args.name}_{n}_{t.shape[0]}x{SEQ_LEN}.npy"  # per run: parts run side by side
         np.save(files[n], t.numpy())
-    out = {"model": "smollm2-135m", "eval": f"held-out split, {heldout.shape[0]} windows x {SEQ_LEN} tokens; dev split "
+    held = f"{heldout.shape[0]} windows x {SEQ_LEN} tokens" + (
+        f" (every {args.heldout_every}th of {n_held})" if args.heldout_every > 1 else "")
+    out = {"model": "smollm2-135m", "eval": f"held-out split, {held}; dev split "
            f"{dev.shape[0]} windows x {SEQ_LEN} from every {DEV_EVERY}th calibration article",
            "calib": f"{CALIB_SAMPLES} x {SEQ_LEN} tokens (seed {SEED}) from the other calibration articles",
            "environment": environment(argv), "rows": [], "tiny": []}
@@ -1092,7 +1101,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)
     for spec in filter(None, args.peers.split(",")):
-        row = run_peer_config(spec, files["heldout"], files["dev"], files["calib"])
+        row = run_peer_config(spec, files["heldout"], files["dev"], files["calib"], args.name)
         out["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)

@@ -117,6 +117,14 @@ _DEVALL_PARTS = {
     "fp4_quality_da_d": ["--configs", f"{_NV_FINAL}:cds=1:rotd=512"],
     "fp4_quality_da_e": ["--configs", f"{_NV_FINAL}:cds=3"],
 }
+# session 12: the first 16 held-out windows (every row above) are all from one article. NVFP4A16's chosen row, RTN
+# and llm-compressor's rows again on every 4th held-out window (59 windows from all 19 held-out articles), for the
+# report only: nothing is chosen on these (docs/quality.md, "Session 12")
+_BROAD = ["--windows", "0", "--heldout-every", "4", "--dev-windows", "8", "--no-tiny"]
+_BROAD_PARTS = {
+    "fp4_quality_br_a": ["--configs", f"bf16,nvfp4a16:minmax:none,{_NV_FINAL}", "--peers", "NVFP4A16:gptq_mse"],
+    "fp4_quality_br_b": ["--configs", "", "--peers", "NVFP4A16:rtn,NVFP4A16:quip_gptq"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -164,6 +172,8 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_devall": [*(("bench_fp4_quality", [*_QALL, "--name", n, *a]) for n, a in _DEVALL_PARTS.items()),
                            ("bench_fp4_quality", ["--merge", ",".join(_DEVALL_PARTS), "--peers-from", "fp4_quality_s4",
                                                   "--name", "fp4_quality_devall"])],
+    "fp4_quality_broad": [*(("bench_fp4_quality", [*_BROAD, "--name", n, *a]) for n, a in _BROAD_PARTS.items()),
+                          ("bench_fp4_quality", ["--merge", ",".join(_BROAD_PARTS), "--name", "fp4_quality_broad"])],
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
