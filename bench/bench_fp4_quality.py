@@ -976,13 +976,18 @@ def write(out: dict, name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+PEER_WINDOW_TOL = 1e-5  # nats per window
+
+
 def peer_rows_from(stem: str, rows: list[dict]) -> list[dict]:
     """The llm-compressor rows of another result file, without their development columns, after checking that it
-    scored the same held-out windows (its bf16 row's per-window NLLs equal these rows' bf16 row's)."""
+    scored the same held-out windows: its bf16 row's per-window NLLs equal these rows' bf16 row's within
+    PEER_WINDOW_TOL (the same windows scored in another process can differ in the last fp32 bit; other windows
+    differ by far more)."""
     other = json.loads((RESULTS / f"{stem}.json").read_text())["rows"]
-    mine = next(r for r in rows if r["config"] == "bf16")
-    theirs = next(r for r in other if r["config"] == "bf16")
-    if mine["heldout_nll"] != theirs["heldout_nll"]:
+    mine = next(r for r in rows if r["config"] == "bf16")["heldout_nll"]
+    theirs = next(r for r in other if r["config"] == "bf16")["heldout_nll"]
+    if len(mine) != len(theirs) or max(abs(a - b) for a, b in zip(mine, theirs)) > PEER_WINDOW_TOL:
         raise SystemExit(f"--peers-from {stem}: its held-out windows differ from these parts' (bf16 NLLs)")
     dev_keys = ("dev_nll", "dev_ppl", "dev_delta")
     return [{k: v for k, v in r.items() if k not in dev_keys} | {"part": f"{stem}, held-out only"}
@@ -1014,7 +1019,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens (the first N; 0: all)")
     p.add_argument("--heldout-every", type=int, default=1, help="keep every Kth of those held-out windows (with "
-                   "--windows 0 and K 4: about 59 windows from all 19 held-out articles; the first 16 are one article)")
+                   "--windows 0 and K 4: 63 of the 252 windows, 15 of the 19 held-out articles; the first 16 are one article)")
     p.add_argument("--dev-windows", type=int, default=8, help="development windows of 512 tokens")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help="bf16 or scheme:observer:weighting[:gptq][:ao][:damp=X][:rotN], ...; empty: none")

@@ -1,0 +1,38 @@
+"""bench/bench_fp4_quality.py: llm-compressor rows join a merged table only when they scored the same
+held-out windows (the bf16 rows' per-window NLLs agree to PEER_WINDOW_TOL), and --heldout-every is checked."""
+
+import json
+
+import pytest
+
+import bench.bench_fp4_quality as bq
+
+
+def _results(tmp_path, monkeypatch, their_bf16: list[float]) -> None:
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    rows = [{"config": "bf16", "tool": "quantkit", "heldout_nll": their_bf16},
+            {"config": "llmc:NVFP4A16:rtn", "tool": "llm-compressor", "heldout_nll": [2.9, 3.1],
+             "dev_nll": [3.0], "dev_ppl": 20.0, "dev_delta": 1.0, "heldout_ppl": 20.0}]
+    (tmp_path / "peers.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_same_windows_in_another_process_join_without_their_dev_columns(tmp_path, monkeypatch):
+    _results(tmp_path, monkeypatch, [2.5415585041046143, 3.0001845359802246])
+    mine = [{"config": "bf16", "heldout_nll": [2.5415587425231934, 3.0001847743988037]}]  # last-bit differences
+    joined = bq.peer_rows_from("peers", mine)
+    assert [r["config"] for r in joined] == ["llmc:NVFP4A16:rtn"]
+    assert not {"dev_nll", "dev_ppl", "dev_delta"} & set(joined[0])
+    assert joined[0]["heldout_nll"] == [2.9, 3.1] and joined[0]["part"] == "peers, held-out only"
+
+
+@pytest.mark.parametrize("theirs", [[2.5415585, 3.0101845], [2.5415585]])  # another window; fewer windows
+def test_other_windows_are_refused(tmp_path, monkeypatch, theirs):
+    _results(tmp_path, monkeypatch, theirs)
+    with pytest.raises(SystemExit, match="held-out windows differ"):
+        bq.peer_rows_from("peers", [{"config": "bf16", "heldout_nll": [2.5415585, 3.0001845]}])
+
+
+def test_heldout_every_below_one_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bq.main(["--heldout-every", "0", "--configs", ""])
+    assert e.value.code == 2 and "--heldout-every must be at least 1" in capsys.readouterr().err
