@@ -635,6 +635,7 @@ def run_peer_config(spec: str, heldout_file: Path, dev_file: Path | None, calib_
     if dev_file:
         row["dev_nll"], row["dev_ppl"] = res["evals"][1]["window_nll"], res["evals"][1]["ppl"]
     row["peer_versions"] = res["versions"]
+    row["peer_threads"] = res.get("threads")  # the peer process's torch threads (its timing depends on them)
     return row
 
 
