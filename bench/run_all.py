@@ -118,8 +118,8 @@ _DEVALL_PARTS = {
     "fp4_quality_da_e": ["--configs", f"{_NV_FINAL}:cds=3"],
 }
 # session 12: the first 16 held-out windows (every row above) are all from one article. NVFP4A16's chosen row, RTN
-# and llm-compressor's rows again on every 4th held-out window (63 of 252; 15 of the 19 held-out articles hold most of at least one), for the
-# report only: nothing is chosen on these (docs/quality.md, "Session 12")
+# and llm-compressor's rows again on every 4th held-out window (63 of 252; 15 of the 19 held-out articles hold most
+# of at least one), for the report only: nothing is chosen on these (docs/quality.md, "Session 12")
 _BROAD = ["--windows", "0", "--heldout-every", "4", "--dev-windows", "8", "--no-tiny"]
 _BROAD_PARTS = {
     "fp4_quality_br_a": ["--configs", f"bf16,nvfp4a16:minmax:none,{_NV_FINAL}", "--peers", "NVFP4A16:gptq_mse"],
