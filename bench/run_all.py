@@ -125,6 +125,13 @@ _BROAD_PARTS = {
     "fp4_quality_br_a": ["--configs", f"bf16,nvfp4a16:minmax:none,{_NV_FINAL}", "--peers", "NVFP4A16:gptq_mse"],
     "fp4_quality_br_b": ["--configs", "", "--peers", "NVFP4A16:rtn,NVFP4A16:quip_gptq"],
 }
+# session 12: llm-compressor's GPTQ + MSE times at the other three schemes, two processes side by side at one
+# thread each (2 held-out windows: for the times only; their quality rows are fp4_quality_s4's)
+_PEER_TIME = ["--windows", "2", "--dev-windows", "1", "--no-tiny", "--configs", ""]
+_PEER_TIME_PARTS = {
+    "fp4_quality_pt_a": ["--peers", "MXFP4A16:gptq_mse,NVFP4:gptq_mse"],
+    "fp4_quality_pt_b": ["--peers", "MXFP4:gptq_mse"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -174,6 +181,10 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
                                                   "--name", "fp4_quality_devall"])],
     "fp4_quality_broad": [*(("bench_fp4_quality", [*_BROAD, "--name", n, *a]) for n, a in _BROAD_PARTS.items()),
                           ("bench_fp4_quality", ["--merge", ",".join(_BROAD_PARTS), "--name", "fp4_quality_broad"])],
+    "fp4_quality_peer_times": [*(("bench_fp4_quality", [*_PEER_TIME, "--name", n, *a])
+                                 for n, a in _PEER_TIME_PARTS.items()),
+                               ("bench_fp4_quality", ["--merge", ",".join(_PEER_TIME_PARTS),
+                                                      "--name", "fp4_quality_peer_times"])],
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
