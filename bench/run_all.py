@@ -164,6 +164,12 @@ _REFINE_SPECS = ",".join([
 ])
 _RULES = ",".join(f"mxfp4a16{r}:minmax:none" for r in ("", "_floor", "_rceil", "_ceil"))
 
+def _merged(name: str, common: list[str], parts: dict[str, list[str]], *merge_args: str) -> list[tuple[str, list[str]]]:
+    """One bench_fp4_quality invocation per part (common args + its own, into its own file), then --merge into name."""
+    return [*(("bench_fp4_quality", [*common, "--name", n, *a]) for n, a in parts.items()),
+            ("bench_fp4_quality", ["--merge", ",".join(parts), *merge_args, "--name", name])]
+
+
 JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "apply": [("bench_apply", ["--windows", "16"])],
     "formats": [("bench_formats", [])],
@@ -171,20 +177,11 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
         "bf16", "nvfp4a16:minmax:none", "nvfp4a16:e4m3_local:none", "mxfp4a16:minmax:none", "mxfp4a16:mx_exp:none",
         "nvfp4a16:e4m3_local:hessian", "mxfp4a16:mx_exp:hessian", "nvfp4a16:four_over_six:none"])])],
     "fp4_quality_tiny": [("bench_fp4_quality", ["--tiny-only", "--name", "fp4_quality_tiny"])],
-    "fp4_quality_s4": [*(("bench_fp4_quality", [*_Q16, "--name", n, *a]) for n, a in _S4_PARTS.items()),
-                       ("bench_fp4_quality", ["--merge", ",".join(_S4_PARTS), "--name", "fp4_quality_s4"])],
-    "fp4_quality_dev32": [*(("bench_fp4_quality", [*_Q32, "--name", n, *a]) for n, a in _DEV32_PARTS.items()),
-                          ("bench_fp4_quality", ["--merge", ",".join(_DEV32_PARTS), "--peers-from", "fp4_quality_s4",
-                                                 "--name", "fp4_quality_dev32"])],
-    "fp4_quality_devall": [*(("bench_fp4_quality", [*_QALL, "--name", n, *a]) for n, a in _DEVALL_PARTS.items()),
-                           ("bench_fp4_quality", ["--merge", ",".join(_DEVALL_PARTS), "--peers-from", "fp4_quality_s4",
-                                                  "--name", "fp4_quality_devall"])],
-    "fp4_quality_broad": [*(("bench_fp4_quality", [*_BROAD, "--name", n, *a]) for n, a in _BROAD_PARTS.items()),
-                          ("bench_fp4_quality", ["--merge", ",".join(_BROAD_PARTS), "--name", "fp4_quality_broad"])],
-    "fp4_quality_peer_times": [*(("bench_fp4_quality", [*_PEER_TIME, "--name", n, *a])
-                                 for n, a in _PEER_TIME_PARTS.items()),
-                               ("bench_fp4_quality", ["--merge", ",".join(_PEER_TIME_PARTS),
-                                                      "--name", "fp4_quality_peer_times"])],
+    "fp4_quality_s4": _merged("fp4_quality_s4", _Q16, _S4_PARTS),
+    "fp4_quality_dev32": _merged("fp4_quality_dev32", _Q32, _DEV32_PARTS, "--peers-from", "fp4_quality_s4"),
+    "fp4_quality_devall": _merged("fp4_quality_devall", _QALL, _DEVALL_PARTS, "--peers-from", "fp4_quality_s4"),
+    "fp4_quality_broad": _merged("fp4_quality_broad", _BROAD, _BROAD_PARTS),
+    "fp4_quality_peer_times": _merged("fp4_quality_peer_times", _PEER_TIME, _PEER_TIME_PARTS),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],

@@ -25,11 +25,12 @@ class RotationError(QuantkitError):
     """A rotation that cannot be built for this size."""
 
 
-def check_block(block: int, in_features: int) -> None:
+def check_block(block: int, in_features: int, where: str = "the input dim", hint: str = "") -> None:
+    """block is a power of two dividing in_features; where/hint name the dim and the fix in the message."""
     if block < 1 or block & (block - 1):
         raise RotationError(f"Hadamard block size must be a power of two, got {block}")
     if in_features % block:
-        raise RotationError(f"Hadamard block size {block} does not divide the input dim {in_features}")
+        raise RotationError(f"Hadamard block size {block} does not divide {where} {in_features}{hint}")
 
 
 def hadamard(block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

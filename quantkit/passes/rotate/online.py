@@ -26,10 +26,8 @@ def attach_online_rotation(name: str, linear: nn.Module, block: int, group: str 
                             "are written for nn.Linear layers only (exclude it in targets)")
     if getattr(linear, "input_rotation", None):
         raise RotationError(f"rotate: {name} already has an online input rotation")
-    if linear.in_features % block:
-        raise RotationError(f"rotate: Hadamard block {block} does not divide {name}'s input dim {linear.in_features}; "
-                            "set the rotate pass's block_size (or block_sizes for its role) to a power of two that does")
-    check_block(block, linear.in_features)
+    check_block(block, linear.in_features, f"{name}'s input dim",
+                "; set the rotate pass's block_size (or block_sizes for its role) to a power of two that does")
     linear.weight.copy_(rotate(linear.weight, block))  # W R, computed in float64
     linear.input_rotation = block
     linear.input_rotation_group = group
