@@ -79,6 +79,11 @@ class Format:
         """Quantize-dequantize, returned in w's dtype."""
         return self.dequantize(self.quantize(w), w.dtype)
 
+    def qdq(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Round-to-nearest quantize-dequantize of w in `dtype`: dequantize(quantize(w), dtype), which formats
+        may compute without building the packed codes (scale searches call it many times)."""
+        return self.dequantize(self.quantize(w), dtype)
+
     def fake_activation(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic quantize-dequantize of a linear's input [..., in], in x's dtype."""
         raise FormatError(f"format {self.name} has no activation quantizer")

@@ -98,3 +98,15 @@ def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     """bytes [..., n/2] -> values [..., n] with one gather from a 256-entry byte LUT."""
     pairs = _lut("byte", packed.device, dtype)[packed.long()]  # [..., n/2, 2]
     return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def fast_round_e2m1(y: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value, ties to even, saturating: the same values as
+    e2m1.round_e2m1 (tested) without its bucketize + gather, which dominate a search's time.
+
+    The E2M1 grid is uniform with step 0.5 below 2, 1 in [2, 4) and 2 from 4 on; within each
+    range an even quotient is an even code, so round-half-even on the quotient is the tie rule.
+    """
+    a = y.abs()
+    step = torch.where(a >= 4, 2.0, torch.where(a >= 2, 1.0, 0.5))
+    return torch.round(a / step).mul_(step).clamp_(max=E2M1_MAX).copysign_(y)

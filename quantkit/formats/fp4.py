@@ -120,6 +120,16 @@ class FP4Format(Format):
         meta = {} if self.has_global_scale else {"rule": self.rule}
         return QTensor(self.name, packed, scale, tuple(w.shape), global_scale, meta)
 
+    def qdq(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequantize(quantize(w), dtype) without packing: the same scales, and the arithmetic E2M1 rounding
+        (e2m1.fast_round_e2m1, the same values as the codes' decode; tests/formats check equality)."""
+        wb = blocks(w, self.block, self.name)
+        gs = self.weight_global_scale(w) if self.has_global_scale else None
+        gs = gs.float().reshape(1).to(w.device) if gs is not None else None
+        d = self.divisor(self.block_scales(wb, gs), gs)  # [rows, nb] fp32
+        out = (e2m1.fast_round_e2m1(wb.float() / d[..., None]) * d[..., None]).reshape(w.shape)
+        return _saturate(out, d, dtype).to(dtype)
+
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = q.shape
         vals = e2m1.decode_packed(q.codes)  # [rows, cols] fp32

@@ -38,7 +38,7 @@ from quantkit.formats import get_format
 from quantkit.passes.base import Pass, register_pass
 from quantkit.passes.input_stats import input_second_moments
 from quantkit.passes.quantize import known_format
-from quantkit.passes.rotate.hadamard import rotate
+from quantkit.nn.qlinear import rotate_input
 from quantkit.stream.capture import block_output
 from quantkit.targets import Targets, is_linear, linear_weight
 
@@ -235,13 +235,14 @@ class Awq(Pass):
             wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
                             for w in weights]).mean(0).clamp_min(1e-8)
         ones = torch.ones_like(a)
-        best = (self._error(weights, h, ones, rotation), None, ones)
+        h32 = h.float()  # the error evaluations run in fp32 (_error)
+        best = (self._error(weights, h32, ones, rotation), None, ones)
         errs = []
         for k in range(self.grid + 1):
             alpha = k / self.grid
             s = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
             s = s / (s.max() * s.min()).sqrt()
-            e = self._error(weights, h, s, rotation)
+            e = self._error(weights, h32, s, rotation)
             errs.append(e)
             if e < best[0]:
                 best = (e, alpha, s)
@@ -249,19 +250,22 @@ class Awq(Pass):
 
     def _error(self, weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor,
                rotation: int | None = None) -> float:
-        """sum of tr(D H D^T), D = deq(Q(W diag(s) R)) R^T diag(1/s) - W."""
+        """sum of tr(D H D^T), D = deq(Q(W diag(s) R)) R^T diag(1/s) - W, in fp32 (each trace summed in float64):
+        the format's round-to-nearest of W diag(s) R rounded to the weight's dtype, as the checkpoint holds it;
+        R applied as the runtime applies it (qlinear.rotate_input, fp32; R^T = R)."""
         fmt, e = get_format(self.format), 0.0
         rotation = self.rotation if rotation is None else rotation
+        h, s = h.float(), s.float()
         for w in weights:
-            w64 = w.double()
-            ws = w64 * s
+            w32 = w.float()
+            ws = w32 * s
             if rotation:
-                ws = rotate(ws, rotation)
-            deq = fmt.dequantize(fmt.quantize(ws.to(w.dtype)), torch.float64)
+                ws = rotate_input(ws, rotation)
+            deq = fmt.qdq(ws.to(w.dtype), torch.float32)
             if rotation:
-                deq = rotate(deq, rotation, inverse=True)
-            d = deq / s - w64
-            e += float(((d @ h) * d).sum())
+                deq = rotate_input(deq, rotation)
+            d = deq.div_(s).sub_(w32)
+            e += float(((d @ h) * d).sum(dtype=torch.float64))
         return e
 
     # -- the block ---------------------------------------------------------------------------

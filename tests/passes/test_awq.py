@@ -120,7 +120,8 @@ def test_the_search_never_ends_worse_than_no_scaling_and_helps_with_outlier_chan
     assert alpha is not None and errs[round(alpha * 20)] == min(errs) <= errs[0]  # errs[0]: alpha 0, s = 1
     assert min(errs) < 0.95 * errs[0]  # outlier input channels: scaling them up pays
     assert torch.allclose(s.max() * s.min(), torch.tensor(1.0, dtype=s.dtype))
-    # the objective is the output error of round-to-nearest, computed by hand for the chosen scale
+    # the objective is the output error of round-to-nearest, computed by hand in float64 for the chosen scale
+    # (the search evaluates it in fp32: equal up to fp32 rounding)
     fmt = get_format(name)
     ws = w.double() * s
     if rotation:
@@ -131,7 +132,7 @@ def test_the_search_never_ends_worse_than_no_scaling_and_helps_with_outlier_chan
         deq = fmt.dequantize(fmt.quantize(ws.to(w.dtype)), torch.float64)
     d = deq / s - w.double()
     assert torch.isclose(torch.tensor(errs[round(alpha * 20)], dtype=torch.float64), (x.double() @ d.T).square().sum(),
-                         rtol=1e-9)
+                         rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])

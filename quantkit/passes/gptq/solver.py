@@ -251,39 +251,43 @@ def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps
     with minimum at what[r, j] + G[r, j] / H[j, j] (G = (w - what) H), and the nearest grid point
     to that minimum is the best grid point, so no step raises the objective. All rows move at
     once (they are independent); G's columns outside the current block of columns are updated
-    once per block by a matmul; stops early at a fixed point. -> (what refined [out, in] fp32,
-    {objective before, after, elements moved, sweeps run})."""
+    once per block by a matmul; stops early at a fixed point. The loop works on the transposes
+    (one input column = one contiguous row) and updates G by a rank-1 BLAS call per column.
+    -> (what refined [out, in] fp32, {objective before, after, elements moved, sweeps run})."""
     n = w.shape[1]
     h = h.float()
-    what = what.clone()
-    g_ = (w - what) @ h
-    before = float(((w - what) * g_).sum())
+    wt = w.float().T.contiguous()  # [in, out]
+    qt = what.float().T.contiguous()
+    gt = h @ (wt - qt)  # G^T (H symmetric)
+    before = float(((wt - qt) * gt).sum())
+    hdiag = h.diagonal().tolist()
     moved = done = 0
     for _ in range(sweeps):
         moved_before = moved
         for i1 in range(0, n, block):
             i2 = min(i1 + block, n)
-            g1 = g_[:, i1:i2].clone()
+            g1 = gt[i1:i2].clone()
             h1 = h[i1:i2, i1:i2]
-            hrows, hdiag = h1.unbind(0), h1.diagonal().unbind(0)
-            w1 = what[:, i1:i2]  # a view: columns are written in place
-            start = w1.clone()
-            for i, col in enumerate(w1.unbind(1)):
-                new = rounder(col + g1[:, i] / hdiag[i], i1 + i)
+            start = qt[i1:i2].clone()
+            for i in range(i2 - i1):
+                col = qt[i1 + i]  # a view: written in place
+                new = rounder((g1[i] / hdiag[i1 + i]).add_(col), i1 + i)
                 delta = new - col
                 col.copy_(new)
-                g1 -= delta[:, None] * hrows[i][None, :]
-            d1 = w1 - start  # each column moved once in this block: the same deltas as above
+                g1.addr_(h1[i], delta, alpha=-1)
+            d1 = qt[i1:i2] - start  # each column moved once in this block: the same deltas as above
             moved += int((d1 != 0).sum())
-            g_[:, i1:i2] = g1
+            gt[i1:i2] = g1
             if i1:
-                g_[:, :i1] -= d1 @ h[i1:i2, :i1]
+                gt[:i1] -= h[:i1, i1:i2] @ d1
             if i2 < n:
-                g_[:, i2:] -= d1 @ h[i1:i2, i2:]
+                gt[i2:] -= h[i2:, i1:i2] @ d1
         done += 1
         if moved == moved_before:  # a fixed point: later sweeps would not move anything either
             break
-    after = float(((w - what) * ((w - what) @ h)).sum())
+    what = qt.T.contiguous()
+    wf = w.float()
+    after = float(((wf - what) * ((wf - what) @ h)).sum())
     return what, {"objective_before": before, "objective_after": after, "moved": moved, "sweeps": done}
 
 
@@ -309,7 +313,7 @@ def _column_rounder(fmt: Format, col_scales: torch.Tensor, gs: torch.Tensor | No
     if isinstance(fmt, FP4Format):
         from quantkit.formats.observers import fast_round_e2m1
 
-        d = fmt.divisor(col_scales, gs).unbind(1)  # [out] fp32 per column
+        d = fmt.divisor(col_scales, gs).T.contiguous().unbind(0)  # [out] fp32 per column, contiguous
         return lambda c, i: fast_round_e2m1(c / d[i]).mul_(d[i])
     return lambda c, i: _qdq_column(fmt, c, col_scales[:, i], gs)
 
