@@ -36,6 +36,12 @@ class QTensor:
             out["global_scale"] = self.global_scale
         return out
 
+    def rows(self, rows: slice) -> QTensor:
+        """The quantized rows `rows` of a weight whose codes and scales are stored per row ([out, ...])."""
+        n = len(range(*rows.indices(self.shape[0])))
+        return QTensor(self.format, self.codes[rows].clone(), self.scale[rows].clone(), (n, *self.shape[1:]),
+                       self.global_scale, dict(self.meta))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -40,6 +40,7 @@ def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Te
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     seen: dict[str, int] = {}
+    last: dict[str, torch.Tensor] = {}  # the previous hook's input and its product
     if blk.hidden is None:
         raise RuntimeError("internal: this block has no calibration inputs (no pass asked for them)")
     counts = blk.extra.get(CALLS)
@@ -48,8 +49,13 @@ def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Te
     for name in names:
         def hook(_mod, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-            s = x.square().sum(0) if kind == "channel" else x.T @ x
-            sums[name] = s if name not in sums else sums[name] + s
+            prev = last.get("x")
+            if prev is not None and prev.shape == x.shape and torch.equal(prev, x):
+                s = last["s"]  # q/k/v (gate/up) read equal inputs, each rotated by its own hook: one product
+            else:
+                s = x.square().sum(0) if kind == "channel" else x.T @ x
+                last.update(x=x, s=s)
+            sums[name] = s.clone() if name not in sums else sums[name].add_(s)
             tokens[name] = tokens.get(name, 0) + x.shape[0]
             seen[name] = seen.get(name, 0) + 1
             if stop["at"] is not None and all(seen.get(n, 0) >= k for n, k in stop["at"].items()):

@@ -5,7 +5,7 @@ import torch
 
 from quantkit.errors import FormatError
 from quantkit.formats import get_format
-from quantkit.formats.e2m1 import round_e2m1
+from quantkit.formats.e2m1 import round_e2m1, round_e2m1_lut
 from quantkit.formats.fp4 import blocks
 from quantkit.formats.observers import (
     E4M3_FIRST_CODE,
@@ -63,6 +63,7 @@ def test_fast_round_matches_the_format_rounding_including_ties():
     x = torch.cat([x, ties, -ties])
     x = torch.cat([x, torch.nextafter(x, torch.tensor(9.0)), torch.nextafter(x, torch.tensor(-9.0))])
     assert torch.equal(fast_round_e2m1(x), round_e2m1(x))
+    assert torch.equal(round_e2m1_lut(x), round_e2m1(x))  # the column loops' rounding
 
 
 NVFP4_SEARCHES = ["e4m3_grid", "e4m3_local", "four_over_six", "mse"]

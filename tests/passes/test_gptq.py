@@ -261,3 +261,26 @@ def test_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_quanti
     o = "model.layers.0.self_attn.o_proj"
     assert torch.allclose(seen[o], h["h"], rtol=1e-4, atol=1e-4 * h["h"].abs().max().item())
     assert not torch.allclose(h_base[o], h["h"], rtol=1e-3, atol=1e-3 * h["h"].abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4"])
+def test_linears_sharing_an_input_solved_as_one_matrix_get_the_codes_they_get_alone(name):
+    """The pass stacks q/k/v (gate/up) into one solve: the rows are independent given H, so each linear's codes,
+    scales and loss are the ones a solve of its own gives (here with act-order and the CD refinement)."""
+    from quantkit.passes.gptq import Gptq
+
+    fmt = get_format(name)
+    x = _correlated_inputs(1024, 128, seed=3)
+    h = x.T @ x
+    ws = [torch.randn(r, 128, generator=torch.Generator().manual_seed(r)).to(torch.bfloat16) for r in (64, 32, 16)]
+    gs = None if fmt.weight_global_scale(ws[0]) is None else min(fmt.weight_global_scale(w) for w in ws)
+    p = Gptq(format=name, act_order=True, dampening=0.1, refine_sweeps=2)
+    kw = dict(block_size=p.block_size, dampening=p.dampening, act_order=True, refine_sweeps=2)
+    together = p._solve(["q", "k", "v"], ws, h, gs)
+    for n, w in zip("qkv", ws):
+        alone, info = gptq_quantize(fmt, w, h, gs, **kw)
+        qt, part = together[n]
+        assert qt.shape == alone.shape and torch.equal(qt.codes, alone.codes)
+        assert torch.equal(qt.scale.float(), alone.scale.float())
+        assert part["loss"] == pytest.approx(info["loss"], rel=1e-6)
+    assert "refine" in together["q"][1] and "refine" not in together["k"][1]  # the refinement's totals once

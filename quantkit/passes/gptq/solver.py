@@ -152,7 +152,7 @@ def gptq_quantize(
         unperm = torch.empty_like(src)
         unperm[:, perm] = src
         src = unperm
-    info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2}
+    info: dict[str, Any] = {"damp": damp, "loss": float(loss.sum()) / 2, "row_loss": loss / 2}
     if refine_sweeps:
         src, scales, info["refine"] = _refine_static(
             fmt, w.float().masked_fill(dead[None, :], 0.0), src, h_cols, scales, gs, g,
@@ -308,13 +308,13 @@ def _factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
 
 def _column_rounder(fmt: Format, col_scales: torch.Tensor, gs: torch.Tensor | None):
     """(column [out], index) -> its fp32 quantize-dequantize. FP4: the divisors of the whole block of
-    columns [out, n] once, then the arithmetic E2M1 rounding (observers.fast_round_e2m1, tested equal
-    to the format's): the column loop is dispatch-bound, and this is the same value as qdq_blocks."""
+    columns [out, n] once, then the E2M1 rounding in four ops (e2m1.round_e2m1_lut, tested equal to the
+    format's): the column loop is dispatch-bound, and this is the same value as qdq_blocks."""
     if isinstance(fmt, FP4Format):
-        from quantkit.formats.observers import fast_round_e2m1
+        from quantkit.formats.e2m1 import round_e2m1_lut
 
         d = fmt.divisor(col_scales, gs).T.contiguous().unbind(0)  # [out] fp32 per column, contiguous
-        return lambda c, i: fast_round_e2m1(c / d[i]).mul_(d[i])
+        return lambda c, i: round_e2m1_lut(c / d[i]).mul_(d[i])
     return lambda c, i: _qdq_column(fmt, c, col_scales[:, i], gs)
 
 
