@@ -95,6 +95,7 @@ class Awq(Pass):
     rotation: int = Field(0, ge=0)  # a later rotate pass's online Hadamard block (0: none)
     rotation_sizes: dict[str, int] = {}  # its per-role blocks (the rotate pass's block_sizes)
     grid: int = Field(20, gt=0)  # alpha in 0, 1/grid, ..., 1
+    coarse: int = Field(4, ge=1)  # the search's first stride over the grid (search(); 1: every point)
     # llm-compressor's duo scaling: s = a^alpha / w^(1 - alpha), w the row-normalized weight magnitude per input
     # channel (no scaling stays a candidate); measured on SmolLM2 in docs/quality.md, session 9
     duo_scaling: bool = False
@@ -223,29 +224,44 @@ class Awq(Pass):
     # -- the search --------------------------------------------------------------------------
     @torch.no_grad()
     def search(self, weights: list[torch.Tensor], h: torch.Tensor, rms: torch.Tensor | None = None,
-               rotation: int | None = None) -> tuple[float | None, torch.Tensor, list[float]]:
-        """(alpha, s, error per alpha on the grid) for [out, in] weights (the group's targets) reading an input with
-        X^T X = h. alpha is None when no scaling (s = 1) has the lowest error: with `duo_scaling` alpha 0 is 1/w.
-        rms: the input's per-channel RMS if the caller has it (default: from h's diagonal). rotation: the
-        group's Hadamard block (default: the pass's `rotation`)."""
+               rotation: int | None = None) -> tuple[float | None, torch.Tensor, dict[int, float]]:
+        """(alpha, s, {k: error of alpha = k / grid} for the grid points evaluated) for [out, in] weights (the
+        group's targets) reading an input with X^T X = h. alpha is None when no scaling (s = 1) has the lowest
+        error: with `duo_scaling` alpha 0 is 1/w. rms: the input's per-channel RMS if the caller has it (default:
+        from h's diagonal). rotation: the group's Hadamard block (default: the pass's `rotation`).
+
+        Coarse to fine: every `coarse`-th grid point (and the last), then every point within coarse - 1 of the
+        best of those, so the whole bracket between its coarse neighbours. That is the full grid's choice
+        whenever the error is unimodal in alpha (docs/quality.md, session 13); coarse: 1 evaluates every point."""
         h = h.double()
         # the RMS up to a constant factor (sqrt of the token count), which s's normalization removes
         a = (h.diagonal().clamp_min(0).sqrt() if rms is None else rms.double()).clamp_min(1e-8)
         if self.duo_scaling:  # the row-normalized weight magnitude per input channel
             wn = torch.cat([w.double().abs() / w.double().abs().amax(1, keepdim=True).clamp_min(1e-12)
                             for w in weights]).mean(0).clamp_min(1e-8)
-        ones = torch.ones_like(a)
         h32 = h.float()  # the error evaluations run in fp32 (_error)
-        best = (self._error(weights, h32, ones, rotation), None, ones)
-        errs = []
-        for k in range(self.grid + 1):
-            alpha = k / self.grid
-            s = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
-            s = s / (s.max() * s.min()).sqrt()
-            e = self._error(weights, h32, s, rotation)
-            errs.append(e)
-            if e < best[0]:
-                best = (e, alpha, s)
+        errs: dict[int, float] = {}
+        scales: dict[int, torch.Tensor] = {}
+
+        def evaluate(ks) -> None:
+            for k in ks:
+                if k not in errs:
+                    alpha = k / self.grid
+                    sk = a**alpha / (wn ** (1 - alpha) if self.duo_scaling else 1.0)
+                    scales[k] = sk / (sk.max() * sk.min()).sqrt()
+                    errs[k] = self._error(weights, h32, scales[k], rotation)
+
+        stride = min(self.coarse, self.grid)
+        evaluate(sorted({*range(0, self.grid + 1, stride), self.grid}))
+        kb = min(sorted(errs), key=errs.__getitem__)
+        evaluate(range(max(0, kb - stride + 1), min(self.grid, kb + stride - 1) + 1))
+        ones = torch.ones_like(a)
+        # without duo scaling alpha 0 is s = 1 itself
+        none_err = errs[0] if not self.duo_scaling else self._error(weights, h32, ones, rotation)
+        best = (none_err, None, ones)
+        for k in sorted(errs):
+            if errs[k] < best[0]:
+                best = (errs[k], k / self.grid, scales[k])
         return best[1], best[2], errs
 
     def _error(self, weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor,

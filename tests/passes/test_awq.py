@@ -117,8 +117,8 @@ def test_the_search_never_ends_worse_than_no_scaling_and_helps_with_outlier_chan
     h = x.double().T @ x.double()
     awq = Awq(format=name, rotation=rotation)
     alpha, s, errs = awq.search([w], h)
-    assert alpha is not None and errs[round(alpha * 20)] == min(errs) <= errs[0]  # errs[0]: alpha 0, s = 1
-    assert min(errs) < 0.95 * errs[0]  # outlier input channels: scaling them up pays
+    assert alpha is not None and errs[round(alpha * 20)] == min(errs.values()) <= errs[0]  # errs[0]: alpha 0, s = 1
+    assert min(errs.values()) < 0.95 * errs[0]  # outlier input channels: scaling them up pays
     assert torch.allclose(s.max() * s.min(), torch.tensor(1.0, dtype=s.dtype))
     # the objective is the output error of round-to-nearest, computed by hand in float64 for the chosen scale
     # (the search evaluates it in fp32: equal up to fp32 rounding)
@@ -144,7 +144,7 @@ def test_duo_scaling_keeps_no_scaling_as_a_candidate(name):
     alpha, s, errs = awq.search([w], h)
     none = awq._error([w], h, torch.ones(64, dtype=torch.float64))
     best = none if alpha is None else errs[round(alpha * 20)]
-    assert best <= none and best <= min(errs)
+    assert best <= none and best <= min(errs.values())
     assert (alpha is None) == bool((s == 1).all())
 
 
@@ -229,3 +229,16 @@ def test_each_group_searches_under_its_role_rotation(monkeypatch):
     model = _with_outlier_channels(tiny_model("llama"))
     Awq(format="nvfp4", rotation=16, rotation_sizes={"down": 64}).run(model, _ctx(model))
     assert seen == {64: 16, 128: 64}
+
+
+@pytest.mark.parametrize("name,rotation", [("nvfp4", 0), ("nvfp4", 32), ("mxfp4", 0)])
+def test_the_coarse_to_fine_search_picks_the_full_grids_alpha_with_fewer_evaluations(name, rotation):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=g).to(torch.bfloat16)
+    x = torch.randn(1024, 128, generator=g) * torch.where(torch.rand(128, generator=g) < 0.05, 20.0, 1.0)
+    h = x.double().T @ x.double()
+    full = Awq(format=name, rotation=rotation, coarse=1).search([w], h)
+    fast = Awq(format=name, rotation=rotation).search([w], h)
+    assert sorted(full[2]) == list(range(21)) and len(fast[2]) <= 12  # 6 coarse points + the bracket around the best
+    assert fast[0] == full[0] and torch.equal(fast[1], full[1])
+    assert all(fast[2][k] == full[2][k] for k in fast[2])  # the same evaluations, fewer of them
