@@ -562,8 +562,58 @@ def _hessian_hooks(model, names: list[str], hs: dict) -> list:
     return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
 
 
+def parse_recipe_spec(spec: str) -> tuple[str, list[str], list[str]]:
+    """recipe:NAME[+key=value ...][+drop=PASS ...] -> (shipped recipe name, --set overrides, pass names dropped).
+    Overrides apply first (indices into the shipped recipe's passes), then the drops."""
+    name, *extra = spec.removeprefix("recipe:").split("+")
+    sets = [e for e in extra if not e.startswith("drop=")]
+    drops = [e.removeprefix("drop=") for e in extra if e.startswith("drop=")]
+    if not name or any("=" not in e for e in sets):
+        raise ValueError(f"bad recipe row {spec!r}: expected recipe:NAME[+key=value][+drop=PASS]")
+    return name, sets, drops
+
+
+def run_recipe(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor) -> dict:
+    """A shipped recipe through the pipeline (`quantkit.apply`, as `quantkit apply` runs it: the model in bf16, its
+    own block loop, AWQ statistics from the already-quantized earlier blocks), calibrated on the bench's calibration
+    ids; calib+quant s is the report's `passes` time (no load, evaluation or save). Scored like llm-compressor's rows:
+    the quantized model cast to fp32, then the same windows."""
+    import yaml
+
+    from quantkit import api
+    from quantkit.recipe import apply_overrides, parse_recipe, resolve_recipe_path
+
+    name, sets, drops = parse_recipe_spec(spec)
+    data = apply_overrides(yaml.safe_load(resolve_recipe_path(name).read_text()), sets, spec)
+    missing = [d for d in drops if d not in [p.get("pass") for p in data["passes"]]]
+    if missing:
+        raise ValueError(f"{spec}: no pass {missing[0]!r} to drop")
+    data["passes"] = [p for p in data["passes"] if p.get("pass") not in drops]
+    data.setdefault("eval", {})["enabled"] = False
+    recipe = parse_recipe(data, spec)
+    q = next(p for p in recipe.passes if getattr(p, "format", None) and p.name in ("gptq", "quantize"))
+    scheme = next(k for k, v in SCHEMES.items() if v == (q.format, q.act_format))
+    model, tok = load_model("smollm2-135m")  # the checkpoint's bf16, as `quantkit apply` loads it
+    batches = [calib[i : i + recipe.calib.batch_size] for i in range(0, calib.shape[0], recipe.calib.batch_size)]
+    report = api.apply(recipe, model=model, tokenizer=tok, calib_batches=batches)
+    row: dict = {"config": spec, "tool": "quantkit", "recipe": name, "overrides": sets, "dropped": drops,
+                 "scheme": scheme, "calib_quant_s": round(report.seconds["passes"], 1), "threads": torch.get_num_threads()}
+    rot = next((p for p in recipe.passes if p.name == "rotate" and p.online), None)
+    if rot is not None:
+        row["rot"] = rot.block_size
+    model.float()
+    t = time.time()
+    row["dev_nll"] = window_nll(model, dev)
+    row["heldout_nll"] = window_nll(model, heldout)
+    row["dev_ppl"], row["heldout_ppl"] = ppl_of(row["dev_nll"]), ppl_of(row["heldout_nll"])
+    row["eval_s"] = round(time.time() - t, 1)
+    return row
+
+
 def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
     """Quantize (from the bf16 checkpoint's values) and score one config; fp32 compute throughout."""
+    if spec.startswith("recipe:"):
+        return run_recipe(spec, heldout, dev, calib)
     model, tok = load_model("smollm2-135m", dtype="float32")  # the bf16 cache's values, exactly, in fp32
     model.eval()
     row: dict = {"config": spec, "tool": "quantkit"}
@@ -863,6 +913,9 @@ def bootstrap_ratio(nll: list[float], peer: list[float], base: list[float], n: i
 def _method(r: dict) -> str:
     if r.get("tool") == "llm-compressor":
         return f"llm-compressor {r['method']}"
+    if r.get("recipe"):
+        changes = [*r["overrides"], *(f"without {d}" for d in r["dropped"])]
+        return f"`quantkit apply {r['recipe']}`" + (f" ({', '.join(changes)})" if changes else "")
     if r["config"] == "bf16":
         return "bf16"
     if r["config"] == "bf16:r1":

@@ -132,6 +132,18 @@ _PEER_TIME_PARTS = {
     "fp4_quality_pt_a": ["--peers", "MXFP4A16:gptq_mse,NVFP4:gptq_mse"],
     "fp4_quality_pt_b": ["--peers", "MXFP4:gptq_mse"],
 }
+# session 13: NVFP4A16's recipe through the pipeline (`quantkit apply`, bf16, its own block loop) after the speedups,
+# and cheaper variants of it, chosen under the cost goal: the lowest dev Δ among the rows whose calib + quantization
+# time is at most llm-compressor's GPTQ + MSE time in this job (docs/quality.md, "Session 13"); held-out = the broad
+# split (every 4th held-out window); llm-compressor's RTN row from fp4_quality_broad (the same held-out windows)
+_S13 = ["--windows", "0", "--heldout-every", "4", "--dev-windows", "167", "--no-tiny"]
+_NV_RECIPE = "recipe:nvfp4-w4a16-best"
+_CD = "passes.3.refine_sweeps"
+_S13_PARTS = {
+    "fp4_quality_s13_a": ["--configs", f"bf16,{_NV_RECIPE},{_NV_RECIPE}+{_CD}=3+drop=awq,{_NV_RECIPE}+{_CD}=0+drop=awq"],
+    "fp4_quality_s13_b": ["--configs", f"{_NV_RECIPE}+{_CD}=3,{_NV_RECIPE}+drop=awq",
+                          "--peers", "NVFP4A16:gptq_mse,NVFP4A16:quip_gptq"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -182,6 +194,7 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_devall": _merged("fp4_quality_devall", _QALL, _DEVALL_PARTS, "--peers-from", "fp4_quality_s4"),
     "fp4_quality_broad": _merged("fp4_quality_broad", _BROAD, _BROAD_PARTS),
     "fp4_quality_peer_times": _merged("fp4_quality_peer_times", _PEER_TIME, _PEER_TIME_PARTS),
+    "fp4_quality_s13": _merged("fp4_quality_s13", _S13, _S13_PARTS, "--peers-from", "fp4_quality_broad"),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
