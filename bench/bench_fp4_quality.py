@@ -562,6 +562,16 @@ def _hessian_hooks(model, names: list[str], hs: dict) -> list:
     return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
 
 
+def scored(model, row: dict, dev: torch.Tensor, heldout: torch.Tensor) -> dict:
+    """row with the model's per-window NLLs and ppl on the development and held-out windows, and the time taken."""
+    t = time.time()
+    row["dev_nll"] = window_nll(model, dev)
+    row["heldout_nll"] = window_nll(model, heldout)
+    row["dev_ppl"], row["heldout_ppl"] = ppl_of(row["dev_nll"]), ppl_of(row["heldout_nll"])
+    row["eval_s"] = round(time.time() - t, 1)
+    return row
+
+
 def parse_recipe_spec(spec: str) -> tuple[str, list[str], list[str]]:
     """recipe:NAME[+key=value ...][+drop=PASS ...] -> (shipped recipe name, --set overrides, pass names dropped).
     Overrides apply first (indices into the shipped recipe's passes), then the drops."""
@@ -602,12 +612,7 @@ def run_recipe(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
     if rot is not None:
         row["rot"] = rot.block_size
     model.float()
-    t = time.time()
-    row["dev_nll"] = window_nll(model, dev)
-    row["heldout_nll"] = window_nll(model, heldout)
-    row["dev_ppl"], row["heldout_ppl"] = ppl_of(row["dev_nll"]), ppl_of(row["heldout_nll"])
-    row["eval_s"] = round(time.time() - t, 1)
-    return row
+    return scored(model, row, dev, heldout)
 
 
 def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor, cache: dict) -> dict:
@@ -646,12 +651,7 @@ def run_config(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
         row.update(cfg)
         row.update(quantize_model(model, cfg, cache["stats"], calib))
     row["quantize_s"] = round(time.time() - t, 1)  # includes the statistics sweep when this row ran it (stats_s)
-    t = time.time()
-    row["dev_nll"] = window_nll(model, dev)
-    row["heldout_nll"] = window_nll(model, heldout)
-    row["dev_ppl"], row["heldout_ppl"] = ppl_of(row["dev_nll"]), ppl_of(row["heldout_nll"])
-    row["eval_s"] = round(time.time() - t, 1)
-    return row
+    return scored(model, row, dev, heldout)
 
 
 # -- llm-compressor in the same run ------------------------------------------------------------

@@ -36,3 +36,13 @@ def test_heldout_every_below_one_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         bq.main(["--heldout-every", "0", "--configs", ""])
     assert e.value.code == 2 and "--heldout-every must be at least 1" in capsys.readouterr().err
+
+
+def test_recipe_rows_parse_overrides_and_drops_and_refuse_a_pass_the_recipe_lacks():
+    assert bq.parse_recipe_spec("recipe:nvfp4-w4a16-best+passes.3.refine_sweeps=3+drop=awq") == (
+        "nvfp4-w4a16-best", ["passes.3.refine_sweeps=3"], ["awq"])
+    assert bq.parse_recipe_spec("recipe:nvfp4-w4a16") == ("nvfp4-w4a16", [], [])
+    with pytest.raises(ValueError, match="expected recipe:NAME"):
+        bq.parse_recipe_spec("recipe:nvfp4-w4a16+refine_sweeps")
+    with pytest.raises(ValueError, match="no pass 'awq' to drop"):  # before any model is loaded
+        bq.run_recipe("recipe:nvfp4-w4a16+drop=awq", None, None, None)
