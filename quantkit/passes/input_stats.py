@@ -54,7 +54,8 @@ def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Te
                 s = last["s"]  # q/k/v (gate/up) read equal inputs, each rotated by its own hook: one product
             else:
                 s = x.square().sum(0) if kind == "channel" else x.T @ x
-                last.update(x=x, s=s)
+                # a copy when x is the module's own input tensor (fp32 models), which the forward could change later
+                last.update(x=x.clone() if x.data_ptr() == args[0].data_ptr() else x, s=s)
             sums[name] = s.clone() if name not in sums else sums[name].add_(s)
             tokens[name] = tokens.get(name, 0) + x.shape[0]
             seen[name] = seen.get(name, 0) + 1
