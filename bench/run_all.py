@@ -144,6 +144,14 @@ _S13_PARTS = {
     "fp4_quality_s13_b": ["--configs", f"{_NV_RECIPE}+{_CD}=3,{_NV_RECIPE}+drop=awq",
                           "--peers", "NVFP4A16:gptq_mse,NVFP4A16:quip_gptq"],
 }
+# session 13: the other three best recipes' cost after the session's speedups, through the pipeline beside
+# llm-compressor's GPTQ + MSE at the same scheme (two processes side by side at one thread; 2 held-out windows:
+# for the times only, their quality is measured elsewhere)
+_COST13 = ["--windows", "2", "--dev-windows", "1", "--no-tiny"]
+_COST13_PARTS = {
+    "fp4_quality_c13_a": ["--configs", "recipe:mxfp4-w4a16-best,recipe:mxfp4-w4a4-best", "--peers", "MXFP4A16:gptq_mse"],
+    "fp4_quality_c13_b": ["--configs", "recipe:nvfp4-w4a4-best", "--peers", "NVFP4:gptq_mse,MXFP4:gptq_mse"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -195,6 +203,7 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_broad": _merged("fp4_quality_broad", _BROAD, _BROAD_PARTS),
     "fp4_quality_peer_times": _merged("fp4_quality_peer_times", _PEER_TIME, _PEER_TIME_PARTS),
     "fp4_quality_s13": _merged("fp4_quality_s13", _S13, _S13_PARTS, "--peers-from", "fp4_quality_broad"),
+    "fp4_quality_cost13": _merged("fp4_quality_cost13", _COST13, _COST13_PARTS),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
