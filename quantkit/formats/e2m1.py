@@ -43,10 +43,13 @@ _BYTE_LUT = torch.stack([_CODE_LUT[_BYTES & 0xF], _CODE_LUT[_BYTES >> 4]], dim=1
 _lut_cache: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
 
+_TABLES = {"code": _CODE_LUT, "byte": _BYTE_LUT, "bounds": _BOUNDS}
+
+
 def _lut(kind: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     key = (device, dtype, kind)
     if key not in _lut_cache:
-        _lut_cache[key] = (_CODE_LUT if kind == "code" else _BYTE_LUT).to(device=device, dtype=dtype)
+        _lut_cache[key] = _TABLES[kind].to(device=device, dtype=dtype)
     return _lut_cache[key]
 
 
@@ -59,7 +62,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     ``sign(x)``, which is -1 for a tiny negative (-> -0.0, sign bit set) and 0 for -0.0 (-> +0.0).
     """
     x = x.float()
-    idx = torch.bucketize(x.abs(), _BOUNDS.to(x.device)).to(torch.uint8)  # NaN -> 7, fixed below
+    idx = torch.bucketize(x.abs(), _lut("bounds", x.device, torch.float32)).to(torch.uint8)  # NaN -> 7, fixed below
     neg = x < 0  # False for -0.0 and NaN
     codes = idx | (neg.to(torch.uint8) << 3)
     if not _all_finite_fast(x):
@@ -116,7 +119,5 @@ def round_e2m1_lut(y: torch.Tensor) -> torch.Tensor:
     """fast_round_e2m1's values (finite inputs; tested) in four ops (abs, bucketize, gather, copysign) instead of
     ten: faster for the short vectors of a column loop, where each op's dispatch costs more than its arithmetic;
     slower than fast_round_e2m1 on large tensors (the binary search per element)."""
-    key = (y.device, torch.float32, "bounds")
-    if key not in _lut_cache:
-        _lut_cache[key] = _BOUNDS.to(y.device)
-    return _lut("code", y.device, torch.float32)[torch.bucketize(y.abs(), _lut_cache[key])].copysign_(y)
+    idx = torch.bucketize(y.abs(), _lut("bounds", y.device, torch.float32))
+    return _lut("code", y.device, torch.float32)[idx].copysign_(y)

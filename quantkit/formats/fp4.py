@@ -105,12 +105,15 @@ class FP4Format(Format):
         return e2m1.round_e2m1(xb.float() / d) * d
 
     # -- weights --------------------------------------------------------------------------------
-    def quantize(self, w: torch.Tensor, global_scale: torch.Tensor | None = None) -> QTensor:
-        wb = blocks(w, self.block, self.name)
+    def _rtn_scales(self, w: torch.Tensor, global_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(stored block scales, fp32 global scale or None) of round-to-nearest for w [rows, cols]."""
         if self.has_global_scale and global_scale is None:
             global_scale = self.weight_global_scale(w)
         gs = global_scale.float().reshape(1).to(w.device) if self.has_global_scale else None
-        return self.encode(w, self.block_scales(wb, gs), gs)
+        return self.block_scales(blocks(w, self.block, self.name), gs), gs
+
+    def quantize(self, w: torch.Tensor, global_scale: torch.Tensor | None = None) -> QTensor:
+        return self.encode(w, *self._rtn_scales(w, global_scale))
 
     def encode(self, w: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None) -> QTensor:
         """Quantize w with given stored block scales (RTN elements); used by scale searches too."""
@@ -123,11 +126,9 @@ class FP4Format(Format):
     def qdq(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dequantize(quantize(w), dtype) without packing: the same scales, and the arithmetic E2M1 rounding
         (e2m1.fast_round_e2m1, the same values as the codes' decode; tests/formats check equality)."""
-        wb = blocks(w, self.block, self.name)
-        gs = self.weight_global_scale(w) if self.has_global_scale else None
-        gs = gs.float().reshape(1).to(w.device) if gs is not None else None
-        d = self.divisor(self.block_scales(wb, gs), gs)  # [rows, nb] fp32
-        out = (e2m1.fast_round_e2m1(wb.float() / d[..., None]) * d[..., None]).reshape(w.shape)
+        d = self.divisor(*self._rtn_scales(w, None))  # [rows, nb] fp32
+        wb = blocks(w, self.block, self.name).float()
+        out = (e2m1.fast_round_e2m1(wb / d[..., None]) * d[..., None]).reshape(w.shape)
         return _saturate(out, d, dtype).to(dtype)
 
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
