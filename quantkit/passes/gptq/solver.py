@@ -260,28 +260,22 @@ def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps
     qt = what.float().T.contiguous()
     gt = h @ (wt - qt)  # G^T (H symmetric)
     before = float(((wt - qt) * gt).sum())
-    hdiag = h.diagonal().tolist()
+    inv_hdiag = (1.0 / h.diagonal().double()).tolist()  # the step to the 1-D minimum: what + G * (1 / H_jj)
     moved = done = 0
     for _ in range(sweeps):
         moved_before = moved
         for i1 in range(0, n, block):
             i2 = min(i1 + block, n)
-            g1 = gt[i1:i2].clone()
+            g1 = gt[i1:i2].clone()  # the block's rows of G^T, kept current for the columns still to come
             h1 = h[i1:i2, i1:i2]
-            start = qt[i1:i2].clone()
+            q1 = qt[i1:i2]  # a view; each column is visited once per block, so it keeps its start value until
+            d1 = torch.empty_like(q1)  # the block's deltas are added at its end
             for i in range(i2 - i1):
-                col = qt[i1 + i]  # a view: written in place
-                new = rounder((g1[i] / hdiag[i1 + i]).add_(col), i1 + i)
-                delta = new - col
-                col.copy_(new)
-                g1.addr_(h1[i], delta, alpha=-1)
-            d1 = qt[i1:i2] - start  # each column moved once in this block: the same deltas as above
+                torch.sub(rounder(torch.add(q1[i], g1[i], alpha=inv_hdiag[i1 + i]), i1 + i), q1[i], out=d1[i])
+                g1[i + 1:].addr_(h1[i, i + 1:], d1[i], alpha=-1)
+            q1 += d1
             moved += int((d1 != 0).sum())
-            gt[i1:i2] = g1
-            if i1:
-                gt[:i1] -= h[:i1, i1:i2] @ d1
-            if i2 < n:
-                gt[i2:] -= h[i2:, i1:i2] @ d1
+            gt -= h[:, i1:i2] @ d1  # every row of G^T, the block's own included, from the block's deltas at once
         done += 1
         if moved == moved_before:  # a fixed point: later sweeps would not move anything either
             break
@@ -308,39 +302,40 @@ def _factor(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
 
 def _column_rounder(fmt: Format, col_scales: torch.Tensor, gs: torch.Tensor | None):
     """(column [out], index) -> its fp32 quantize-dequantize. FP4: the divisors of the whole block of
-    columns [out, n] once, then the E2M1 rounding in four ops (e2m1.round_e2m1_lut, tested equal to the
-    format's): the column loop is dispatch-bound, and this is the same value as qdq_blocks."""
+    columns [out, n] once, then e2m1.fast_round_e2m1 (six elementwise ops, tested equal to the format's
+    rounding): the column loop is dispatch-bound, and this is the same value as qdq_blocks."""
     if isinstance(fmt, FP4Format):
-        from quantkit.formats.e2m1 import round_e2m1_lut
+        from quantkit.formats.e2m1 import fast_round_e2m1
 
         d = fmt.divisor(col_scales, gs).T.contiguous().unbind(0)  # [out] fp32 per column, contiguous
-        return lambda c, i: round_e2m1_lut(c / d[i]).mul_(d[i])
+        return lambda c, i: fast_round_e2m1(c / d[i]).mul_(d[i])
     return lambda c, i: _qdq_column(fmt, c, col_scales[:, i], gs)
 
 
 def _columns(W, hinv, src, loss, i1, i2, qdq) -> None:
     """Round columns i1..i2 one at a time, each pushing its error onto the block's later columns,
-    then the block's error onto columns i2.. (lazy batch update). qdq(W1, i) -> column i of the
-    block W1 [out, i2-i1], as updated so far, rounded."""
-    W1 = W[:, i1:i2].clone()
-    Err1 = torch.zeros_like(W1)
+    then the block's error onto columns i2.. (lazy batch update). qdq(W1t, i) -> column i of the
+    block, as updated so far, rounded; W1t [i2-i1, out] holds the block's columns as rows (contiguous,
+    so each step is a few vector ops and one rank-1 BLAS update)."""
+    W1t = W[:, i1:i2].T.contiguous()
+    src1t = torch.empty_like(W1t)  # each column as it was when rounded
+    err1t = torch.empty_like(W1t)
     Hinv1 = hinv[i1:i2, i1:i2]
+    inv_d = (1.0 / Hinv1.diagonal().double()).tolist()
     for i in range(i2 - i1):
-        c = W1[:, i]
-        src[:, i1 + i] = c
-        q = qdq(W1, i)
-        d = Hinv1[i, i]
-        loss += (c - q).square() / d.square()
-        err = (c - q) / d
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        Err1[:, i] = err
-    W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+        c = W1t[i]
+        src1t[i] = c
+        err = torch.sub(c, qdq(W1t, i), out=err1t[i]).mul_(inv_d[i])
+        W1t[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)  # row i itself is done (its source is kept)
+    src[:, i1:i2] = src1t.T
+    loss += err1t.square().sum(0)
+    W[:, i2:] -= err1t.T @ hinv[i1:i2, i2:]
 
 
 def _static_block(fmt, W, hinv, src, loss, col_scales, i1, i2, gs) -> None:
     """Columns i1..i2 rounded with their fixed scales."""
     rounder = _column_rounder(fmt, col_scales, gs)
-    _columns(W, hinv, src, loss, i1, i2, lambda W1, i: rounder(W1[:, i], i))
+    _columns(W, hinv, src, loss, i1, i2, lambda W1t, i: rounder(W1t[i], i))
 
 
 # -- the earlier dynamic-scale variant ------------------------------------------------------------
@@ -362,9 +357,9 @@ def _dynamic_block(fmt, W, hinv, src, loss, picked, i1, i2, g, gs, observer, dty
     """Columns i1..i2, each block's scale fixed from the updated weights when its first column comes."""
     per_channel = g == W.shape[1]
 
-    def qdq(W1, i):
+    def qdq(W1t, i):
         if (i1 + i) % g == 0 and not per_channel:  # a new block: fix its scale from the updated weights
-            picked.append(_block_scale(fmt, W1[:, i : i + g].to(dtype), gs, observer))  # [out, 1]
-        return _qdq_column(fmt, W1[:, i], picked[-1][:, 0], gs)
+            picked.append(_block_scale(fmt, W1t[i : i + g].T.to(dtype), gs, observer))  # [out, 1]
+        return _qdq_column(fmt, W1t[i], picked[-1][:, 0], gs)
 
     _columns(W, hinv, src, loss, i1, i2, qdq)
