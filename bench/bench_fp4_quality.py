@@ -572,6 +572,20 @@ def scored(model, row: dict, dev: torch.Tensor, heldout: torch.Tensor) -> dict:
     return row
 
 
+def split_specs(text: str) -> list[str]:
+    """--configs/--peers items: split on the commas outside brackets, so that a recipe row's override can hold a
+    YAML list (recipe:NAME+passes.1.targets.roles=[q,k,v])."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [i for i in [*items, cur] if i]
+
+
 def parse_recipe_spec(spec: str) -> tuple[str, list[str], list[str]]:
     """recipe:NAME[+key=value ...][+drop=PASS ...] -> (shipped recipe name, --set overrides, pass names dropped).
     Overrides apply first (indices into the shipped recipe's passes), then the drops."""
@@ -1153,7 +1167,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["tiny"] = tiny_weight_errors()
         write(out, args.name)
     cache: dict = {}
-    for spec in filter(None, args.configs.split(",")):
+    for spec in split_specs(args.configs):
         row = run_config(spec, heldout, dev, calib, cache)
         out["rows"].append(row)
         out["stats_s"] = cache.get("stats_s")

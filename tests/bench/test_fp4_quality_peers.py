@@ -38,6 +38,15 @@ def test_heldout_every_below_one_is_an_argument_error(capsys):
     assert e.value.code == 2 and "--heldout-every must be at least 1" in capsys.readouterr().err
 
 
+def test_config_lists_split_on_commas_outside_brackets():
+    text = "bf16,recipe:mxfp4-w4a16-best+passes.1.targets.roles=[q,k,v]+passes.3.refine_sweeps=0,nvfp4a16:minmax:none"
+    assert bq.split_specs(text) == ["bf16", "recipe:mxfp4-w4a16-best+passes.1.targets.roles=[q,k,v]+passes.3.refine_sweeps=0",
+                                    "nvfp4a16:minmax:none"]
+    assert bq.split_specs("") == [] and bq.split_specs("a,,b") == ["a", "b"]
+    name, sets, _ = bq.parse_recipe_spec(bq.split_specs(text)[1])
+    assert sets == ["passes.1.targets.roles=[q,k,v]", "passes.3.refine_sweeps=0"]
+
+
 def test_recipe_rows_parse_overrides_and_drops_and_refuse_a_pass_the_recipe_lacks():
     assert bq.parse_recipe_spec("recipe:nvfp4-w4a16-best+passes.3.refine_sweeps=3+drop=awq") == (
         "nvfp4-w4a16-best", ["passes.3.refine_sweeps=3"], ["awq"])
