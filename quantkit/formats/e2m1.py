@@ -104,7 +104,7 @@ def decode_packed(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
 
 
 def fast_round_e2m1(y: torch.Tensor) -> torch.Tensor:
-    """Round fp32 y to the nearest E2M1 value, ties to even, saturating (+-Inf -> +-6, NaN stays NaN): the same
+    """Round y (a float tensor) to the nearest E2M1 value, ties to even, saturating (+-Inf -> +-6, NaN stays NaN): the same
     values as e2m1.round_e2m1 (tested, ties included; an exact -0.0 stays -0.0) in six elementwise ops and no
     table lookup, which dominate a search's time and a column loop's dispatch.
 
@@ -113,6 +113,12 @@ def fast_round_e2m1(y: torch.Tensor) -> torch.Tensor:
     so round-half-even on the quotient is the tie rule; a quotient that rounds up to the next range's
     first value (1.9 -> 2.0) lands on the grid all the same.
     """
+    as_int, exponent_bits = _EXPONENT_FIELD[y.dtype]
     y = y.clamp(-E2M1_MAX, E2M1_MAX)
-    half_step = (y.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_min_(1.0).mul_(0.5)
+    half_step = (y.view(as_int) & exponent_bits).view(y.dtype).clamp_min_(1.0).mul_(0.5)
     return torch.round(y / half_step).mul_(half_step)
+
+
+# float dtype -> (the integer dtype of its width, the mask of its exponent field): the field alone is 2^floor(log2|y|)
+_EXPONENT_FIELD = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+                   torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00)}

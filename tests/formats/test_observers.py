@@ -69,6 +69,10 @@ def test_fast_round_matches_the_format_rounding_including_ties():
     # tiny negatives keep the sign bit as round_e2m1 does (compressed-tensors' codes); only -0.0 itself differs
     assert torch.equal(fast.signbit(), round_e2m1(x).signbit() | ((x == 0) & x.signbit()))
     assert bool(fast_round_e2m1(torch.tensor([float("nan")])).isnan().all())
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):  # each width's own exponent field
+        y = x.to(dtype)
+        assert fast_round_e2m1(y).dtype == dtype
+        assert torch.equal(fast_round_e2m1(y).float(), round_e2m1(y.float()))
 
 
 NVFP4_SEARCHES = ["e4m3_grid", "e4m3_local", "four_over_six", "mse"]
