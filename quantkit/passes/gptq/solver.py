@@ -250,9 +250,10 @@ def refine(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor, rounder, sweeps
     block's grid (scales fixed): for element (r, j) the objective is a 1-D quadratic in what[r, j]
     with minimum at what[r, j] + G[r, j] / H[j, j] (G = (w - what) H), and the nearest grid point
     to that minimum is the best grid point, so no step raises the objective. All rows move at
-    once (they are independent); G's columns outside the current block of columns are updated
-    once per block by a matmul; stops early at a fixed point. The loop works on the transposes
-    (one input column = one contiguous row) and updates G by a rank-1 BLAS call per column.
+    once (they are independent); within a block of columns only the block's later columns of G
+    are kept current (one rank-1 BLAS call per column), and all of G is updated from the block's
+    deltas by one matmul at its end; stops early at a fixed point. The loop works on the
+    transposes (one input column = one contiguous row).
     -> (what refined [out, in] fp32, {objective before, after, elements moved, sweeps run})."""
     n = w.shape[1]
     h = h.float()
