@@ -1173,7 +1173,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["stats_s"] = cache.get("stats_s")
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)
-    for spec in filter(None, args.peers.split(",")):
+    for spec in split_specs(args.peers):
         row = run_peer_config(spec, files["heldout"], files["dev"], files["calib"], args.name)
         out["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)

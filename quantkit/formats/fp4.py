@@ -126,10 +126,9 @@ class FP4Format(Format):
     def qdq(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dequantize(quantize(w), dtype) without packing: the same scales, and the arithmetic E2M1 rounding
         (e2m1.fast_round_e2m1, the same values as the codes' decode; tests/formats check equality)."""
-        d = self.divisor(*self._rtn_scales(w, None))  # [rows, nb] fp32
-        wb = blocks(w, self.block, self.name).float()
-        out = (e2m1.fast_round_e2m1(wb / d[..., None]) * d[..., None]).reshape(w.shape)
-        return _saturate(out, d, dtype).to(dtype)
+        scale, gs = self._rtn_scales(w, None)
+        out = self.qdq_blocks(blocks(w, self.block, self.name), scale, gs).reshape(w.shape)
+        return _saturate(out, self.divisor(scale, gs), dtype).to(dtype)
 
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = q.shape

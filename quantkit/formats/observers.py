@@ -60,11 +60,6 @@ MX_OFFSETS = (-1, 1)  # exponents tried besides the rule's own
 ROW_CHUNK = 256  # rows per search step: bounds the [rows, nb, B] temporaries
 
 
-def _qdq(fmt: FP4Format, xb: torch.Tensor, scale: torch.Tensor, gs) -> torch.Tensor:
-    d = fmt.divisor(scale, gs)[..., None]  # [rows, nb, 1] fp32
-    return fast_round_e2m1(xb / d).mul_(d)
-
-
 # -- objective --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Objective:
@@ -109,9 +104,9 @@ def _argmin(fmt: FP4Format, xb: torch.Tensor, gs, obj: Objective, start: torch.T
             candidates: Iterator[torch.Tensor]) -> torch.Tensor:
     """The candidate stored scale with the lowest error per block; ties keep the earlier one."""
     best = start.clone()
-    best_err = obj(_qdq(fmt, xb, start, gs).sub_(xb))
+    best_err = obj(fmt.qdq_blocks(xb, start, gs).sub_(xb))
     for cand in candidates:
-        err = obj(_qdq(fmt, xb, cand, gs).sub_(xb))
+        err = obj(fmt.qdq_blocks(xb, cand, gs).sub_(xb))
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, cand, best)
