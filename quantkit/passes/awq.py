@@ -36,7 +36,7 @@ from torch import nn
 
 from quantkit.formats import get_format
 from quantkit.passes.base import Pass, register_pass
-from quantkit.passes.input_stats import input_second_moments
+from quantkit.passes.input_stats import WANTED, input_second_moments, keep_hessians, transform_kept
 from quantkit.passes.quantize import known_format
 from quantkit.nn.qlinear import rotate_input
 from quantkit.stream.capture import block_output
@@ -74,6 +74,12 @@ def _fold(kind: str, mod: nn.Module, s: torch.Tensor) -> None:
         b.copy_((b.double() / s.to(b.device)).to(b.dtype))
 
 
+def _unscale(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """X^T X of x / s: S^-1 H S^-1, computed in float64, returned in h's dtype."""
+    inv = 1.0 / s.double().to(h.device)
+    return (h.double() * inv[:, None] * inv[None, :]).to(h.dtype)
+
+
 class _Group:
     def __init__(self, names: list[str], width: int):
         self.names, self.width = names, width
@@ -90,6 +96,7 @@ class Awq(Pass):
     requires: ClassVar[frozenset[str]] = frozenset({"calib"})
     provides: ClassVar[frozenset[str]] = frozenset({"scaled"})
     execution: ClassVar[str] = "block"
+    keeps_input_stats: ClassVar[bool] = True  # the kept X^T X of a scaled group become S^-1 X^T X S^-1
 
     format: str  # the weight format the search quantizes with (the later quantize/gptq pass's)
     rotation: int = Field(0, ge=0)  # a later rotate pass's online Hadamard block (0: none)
@@ -130,8 +137,10 @@ class Awq(Pass):
         return True
 
     def begin(self, ctx) -> None:
+        # share: a later pass of the block loop (gptq) takes X^T X, so measure every linear of the block in the one
+        # forward this pass runs anyway (o_proj's input is on the way to down_proj's) and keep them current
         ctx.scratch[self._key()] = {"names": set(self.targets.select(ctx.model, ctx.arch)), "folds": {},
-                                   "alphas": [], "unscaled": 0, "no_fold": 0}
+                                   "alphas": [], "unscaled": 0, "no_fold": 0, "share": WANTED in ctx.needed}
 
     # -- discovery ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -300,8 +309,12 @@ class Awq(Pass):
                 plans.append((g, fold))
         if not plans:
             return
-        reps = [g.names[0] for g, _ in plans]
-        hs = input_second_moments(blk, [f"{blk.prefix}.{n}" for n in reps], "hessian")
+        measured = [n for g, _ in plans for n in g.names[:1]]
+        if state["share"]:  # every linear of every group; those reading one tensor cost one product (input_stats)
+            measured = [n for g in groups for n in g.names]
+        hs = input_second_moments(blk, [f"{blk.prefix}.{n}" for n in measured], "hessian")
+        if state["share"]:
+            keep_hessians(blk, hs)
         # down_proj's group folds into up_proj's rows; scale it before up_proj's own group is searched
         plans.sort(key=lambda p: p[1][0] != "rows")
         for g, (kind, target) in plans:
@@ -317,6 +330,7 @@ class Awq(Pass):
             state["alphas"].append(alpha)
             for n in g.names:
                 _scale_columns(mods[n], s)
+                transform_kept(blk, f"{blk.prefix}.{n}", lambda h: _unscale(h, s))  # the input is now x / s
             _fold(kind, mods[target], s)
             self._rescale_stats(ctx, blk, g, s)
 

@@ -31,6 +31,12 @@ class Pass(BaseModel):
     execution: ClassVar[str] = "model"
     # the checkpoint layout the modules this pass creates need (None: it leaves dense weights)
     output_layout: ClassVar[str | None] = None
+    # block passes: the Hessians an earlier pass kept in the block (passes/input_stats.py) are still right after
+    # run_block, because the pass leaves the linears' inputs unchanged or transforms the kept ones as it changes
+    # them; after any other pass the block loop drops them
+    keeps_input_stats: ClassVar[bool] = False
+    # block passes: run_block takes kept Hessians when an earlier pass of the loop kept them
+    reads_input_hessians: ClassVar[bool] = False
 
     def run(self, model: nn.Module, ctx: Any) -> None:  # ctx: quantkit.context.Context
         """Whole model in memory. Block passes get this for free: the block loop over every block."""

@@ -40,6 +40,7 @@ class Calibrate(Pass):
     # every expert's forward for statistics costs a block's MLP once per expert
     provides: ClassVar[frozenset[str]] = frozenset({"calib", "act_stats", "expert_stats"})
     execution: ClassVar[str] = "block"
+    keeps_input_stats: ClassVar[bool] = True  # it only observes the linears' inputs
 
     # "auto": run the calibration forwards only when a later pass needs activation statistics
     collect_stats: bool | Literal["auto"] = "auto"

@@ -6,6 +6,16 @@ replaced. GPTQ's Hessians are the "hessian" kind.
 
   channel: E[x_j^2] per input channel            [in]
   hessian: X^T X summed over calibration tokens  [in, in] (the observers read its diagonal blocks)
+
+Kept Hessians: a pass that measures X^T X for its own use (awq) can keep them in the block for a later
+pass of the same block loop (gptq), so the block is not run again for the same statistics. What a pass
+keeps stays valid only while every pass in between keeps it current: passes that leave the linears'
+inputs as they are (calibrate) or transform them in a known way (awq's per-channel scales: H -> S^-1 H S^-1;
+rotate's online Hadamard: H -> R^T H R) declare `keeps_input_stats` and update the entries; after any
+other pass the block loop drops them (quantkit.stream.loop). The kept matrices are the measured ones
+transformed in float64, not a new measurement of the transformed block: they differ from one by the
+rounding of the transformed weights and inputs to the model's dtype (bf16: about 1e-3 relative,
+docs/quality.md, session 15).
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import torch
 
 from quantkit.targets import is_linear
 
+KEPT = "input_hessians"  # BlockView.extra key: {linear name: X^T X [in, in]} kept current for a later pass
+WANTED = "input_hessians"  # the fact in ctx.needed that says a later block pass reads kept Hessians
 CALLS = "linear_calls"  # BlockView.extra key: {linear name: calls per forward of the block}, from one full forward
 
 
@@ -85,3 +97,35 @@ def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Te
     if kind == "channel":  # a mean, so the weighting does not grow with the number of samples
         return {n: s / tokens[n] for n, s in sums.items()}
     return sums
+
+
+def keep_hessians(blk, hessians: dict[str, torch.Tensor]) -> None:
+    """Keep X^T X of the named linears in the block for a later pass (copies: the keeper may go on using its own)."""
+    blk.extra.setdefault(KEPT, {}).update({n: h.clone() for n, h in hessians.items()})
+
+
+def transform_kept(blk, name: str, fn) -> None:
+    """A pass changed `name`'s input x -> x T: its kept X^T X becomes fn(X^T X) = T^T X^T X T (no-op if none kept)."""
+    kept = blk.extra.get(KEPT)
+    if kept and name in kept:
+        kept[name] = fn(kept[name])
+
+
+def drop_kept(blk, names: list[str] | None = None) -> None:
+    """Forget the kept Hessians of `names` (all of them when None): their inputs changed in a way not tracked."""
+    if names is None:
+        blk.extra.pop(KEPT, None)
+        return
+    for n in names:
+        blk.extra.get(KEPT, {}).pop(n, None)
+
+
+def hessians(blk, names: list[str]) -> dict[str, torch.Tensor]:
+    """X^T X for the named linears: the ones kept in the block (taken out of it), the rest measured now (the block
+    forward then stops as soon as those have their inputs)."""
+    kept = blk.extra.get(KEPT, {})
+    out = {n: kept.pop(n) for n in names if n in kept}
+    missing = [n for n in names if n not in out]
+    if missing:
+        out.update(input_second_moments(blk, missing, "hessian"))
+    return out

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import RecipeError
+from quantkit.passes.input_stats import WANTED, drop_kept
 from quantkit.stream.capture import Call, capture, run_block
 from quantkit.stream.plan import sweeps_first
 from quantkit.stream.residency import WholeResidency
@@ -70,6 +71,8 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
     model = ctx.model
     for i, p in enumerate(passes):
         ctx.needed = set().union(*(q.requirements() for q in passes[i + 1:])) | getattr(ctx, "needed_later", set())
+        if any(q.reads_input_hessians for q in passes[i + 1:]):
+            ctx.needed.add(WANTED)  # a later pass of this loop takes the X^T X this one may keep
         p.begin(ctx)
     ctx.needed = set()
     split = first_sweep_pass(passes)
@@ -122,6 +125,8 @@ def _sweep(passes, ctx, *, observer=None, writer=None, evaluation=None,
         for p in passes:
             ctx.progress = None
             p.run_block(blk, ctx)
+            if not p.keeps_input_stats:
+                drop_kept(blk)  # the pass may have changed the linears' inputs in a way no one tracked
         if observer is not None:
             observer.observe_block(blk, ctx)
         if captured is not None and i + 1 < len(blocks):

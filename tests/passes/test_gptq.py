@@ -223,17 +223,17 @@ def test_sequential_stages_follow_the_data_flow():
 def test_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_quantized(monkeypatch):
     import copy
 
-    import quantkit.passes.gptq as gptq_mod
+    import quantkit.passes.input_stats as stats_mod  # gptq measures through input_stats.hessians
 
     seen = {}
 
     def recording(blk, names, kind):
-        out = gptq_mod.input_second_moments.__wrapped__(blk, names, kind)
+        out = recording.__wrapped__(blk, names, kind)
         seen.update({n: h.clone() for n, h in out.items()})
         return out
 
-    recording.__wrapped__ = gptq_mod.input_second_moments
-    monkeypatch.setattr(gptq_mod, "input_second_moments", recording)
+    recording.__wrapped__ = stats_mod.input_second_moments
+    monkeypatch.setattr(stats_mod, "input_second_moments", recording)
     base, seq = _tiny_llama(), _tiny_llama()
     Gptq(format="nvfp4", mode="fake", act_order=True).run(base, _ctx(base))
     h_base = dict(seen)

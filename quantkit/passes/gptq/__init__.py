@@ -15,7 +15,7 @@ from quantkit.nn.qlinear import QLinear
 from quantkit.passes.base import register_pass
 from quantkit.errors import QuantkitError, SolverError
 from quantkit.passes.gptq.solver import check_refine, gptq_quantize
-from quantkit.passes.input_stats import input_second_moments
+from quantkit.passes.input_stats import drop_kept, hessians
 from quantkit.passes.quantize import Quantize, build_qlinear
 from quantkit.targets import linear_weight
 
@@ -48,6 +48,7 @@ class Gptq(Quantize):
     summary: ClassVar[str] = "GPTQ weight quantization (any format), block by block from calibration inputs"
     requires: ClassVar[frozenset[str]] = frozenset({"calib"})
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+    reads_input_hessians: ClassVar[bool] = True  # takes X^T X an earlier pass of the block loop kept (input_stats)
 
     block_size: int = Field(128, gt=0)  # columns updated together (lazy batch updates); rounded to whole blocks
     # fraction of mean(diag H) added to the diagonal; 0.1 had the lowest development-text output error of
@@ -87,7 +88,8 @@ class Gptq(Quantize):
                  if not isinstance(blk.model.get_submodule(n), QLinear)]
         state = ctx.scratch[self._key()]
         for stage in (input_stages(ctx, blk.index, names) if self.sequential else [names] if names else []):
-            state["hessians"] = input_second_moments(blk, stage, "hessian")
+            state["hessians"] = hessians(blk, stage)  # what an earlier pass kept (awq), the rest measured
+            drop_kept(blk)  # the stage's linears are quantized next: later stages' inputs change
             self._quantize_names(blk.model, ctx, stage)
             state.pop("hessians", None)
         # fused MoE experts after the block's linears, from inputs that went through them quantized

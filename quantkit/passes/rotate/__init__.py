@@ -18,10 +18,16 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from quantkit.passes.base import Pass, register_pass
+from quantkit.passes.input_stats import drop_kept, transform_kept
 from quantkit.passes.rotate.fused import fuse_value_output
-from quantkit.passes.rotate.hadamard import RotationError
+from quantkit.passes.rotate.hadamard import RotationError, rotate
 from quantkit.passes.rotate.online import attach_online_rotation
 from quantkit.targets import Targets
+
+
+def _rotated_moments(h, block: int):
+    """X^T X of x R: R^T (X^T X) R, in float64 (hadamard.rotate), returned in h's dtype."""
+    return rotate(rotate(h, block).T.contiguous(), block)
 
 
 @register_pass
@@ -32,6 +38,8 @@ class Rotate(Pass):
     summary: ClassVar[str] = "block-diagonal Hadamard rotations: fused value/output, optional online input transforms"
     provides: ClassVar[frozenset[str]] = frozenset({"rotated"})
     execution: ClassVar[str] = "block"
+    # kept X^T X (input_stats): an online-rotated linear's becomes R^T X^T X R; o_proj's under fuse_vo is dropped
+    keeps_input_stats: ClassVar[bool] = True
 
     block_size: int = Field(32, gt=0)  # Hadamard block (power of two dividing each rotated input dim)
     fuse_vo: bool = True  # rotate v_proj's output and o_proj's input per head (offline, exact)
@@ -109,6 +117,7 @@ class Rotate(Pass):
                 raise RotationError(f"rotate: fuse_vo needs separate v and o projections; {arch.model_type} "
                                     f"has none in block {blk.index} (set fuse_vo: false)") from None
             fuse_value_output(blk.model.get_submodule(v), blk.model.get_submodule(o), arch.head_dim, self.block_size)
+            drop_kept(blk, [o])  # o_proj now reads per-head rotated values
             state["fused"] += 1
             fused_o = o
         for name in blk.select(state["online"]):
@@ -116,6 +125,7 @@ class Rotate(Pass):
                 continue  # its input is already rotated by the fused R; a second R would undo it (R R = I)
             block = self.block_for((arch.role_of(name) or (None, None))[1])
             attach_online_rotation(name, blk.model.get_submodule(name), block, self.group_for(block))
+            transform_kept(blk, name, lambda h, b=block: _rotated_moments(h, b))
             state["rotated"] += 1
 
     def finish(self, ctx) -> None:
