@@ -597,14 +597,11 @@ def parse_recipe_spec(spec: str) -> tuple[str, list[str], list[str]]:
     return name, sets, drops
 
 
-def run_recipe(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor) -> dict:
-    """A shipped recipe through the pipeline (`quantkit.apply`, as `quantkit apply` runs it: the model in bf16, its
-    own block loop, AWQ statistics from the already-quantized earlier blocks), calibrated on the bench's calibration
-    ids; calib+quant s is the report's `passes` time (no load, evaluation or save). Scored like llm-compressor's rows:
-    the quantized model cast to fp32, then the same windows."""
+def recipe_of(spec: str):
+    """The recipe a recipe:NAME[+key=value][+drop=PASS] row runs (NAME a shipped recipe or a YAML path), evaluation
+    off; validated as `quantkit apply` validates it."""
     import yaml
 
-    from quantkit import api
     from quantkit.recipe import apply_overrides, parse_recipe, resolve_recipe_path
 
     name, sets, drops = parse_recipe_spec(spec)
@@ -614,7 +611,18 @@ def run_recipe(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch
         raise ValueError(f"{spec}: no pass {missing[0]!r} to drop")
     data["passes"] = [p for p in data["passes"] if p.get("pass") not in drops]
     data.setdefault("eval", {})["enabled"] = False
-    recipe = parse_recipe(data, spec)
+    return parse_recipe(data, spec)
+
+
+def run_recipe(spec: str, heldout: torch.Tensor, dev: torch.Tensor, calib: torch.Tensor) -> dict:
+    """A shipped recipe through the pipeline (`quantkit.apply`, as `quantkit apply` runs it: the model in bf16, its
+    own block loop, AWQ statistics from the already-quantized earlier blocks), calibrated on the bench's calibration
+    ids; calib+quant s is the report's `passes` time (no load, evaluation or save). Scored like llm-compressor's rows:
+    the quantized model cast to fp32, then the same windows."""
+    from quantkit import api
+
+    name, sets, drops = parse_recipe_spec(spec)
+    recipe = recipe_of(spec)
     q = next(p for p in recipe.passes if getattr(p, "format", None) and p.name in ("gptq", "quantize"))
     scheme = next(k for k, v in SCHEMES.items() if v == (q.format, q.act_format))
     model, tok = load_model("smollm2-135m")  # the checkpoint's bf16, as `quantkit apply` loads it

@@ -177,6 +177,16 @@ _S14_PARTS = {
                           "--peers", "NVFP4:gptq_mse"],
     "fp4_quality_s14_d": ["--configs", "recipe:nvfp4-w4a4-best+passes.2.refine_sweeps=0", "--peers", "NVFP4:rtn"],
 }
+# session 15: MXFP4A16 re-chosen after gptq takes the X^T X the awq pass measured (kept Hessians), which makes room
+# for AWQ on every role: the rule and the cost limit are session 14's (docs/quality.md "Session 15", fixed before
+# these rows ran); the incumbent (no AWQ, 3 sweeps) is measured again in this job beside the candidates
+_S15_AWQ = "recipe:bench/candidates/mxfp4-w4a16-best-awq.yaml"
+_S15_PARTS = {
+    "fp4_quality_s15_a": ["--configs", f"bf16,{_S15_AWQ}+passes.3.refine_sweeps=2,recipe:mxfp4-w4a16-best",
+                          "--peers", "MXFP4A16:gptq_mse"],
+    "fp4_quality_s15_b": ["--configs", f"{_S15_AWQ},recipe:mxfp4-w4a16-best+passes.2.refine_sweeps=5",
+                          "--peers", "MXFP4A16:quip_gptq,MXFP4A16:rtn"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -230,6 +240,7 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_s13": _merged("fp4_quality_s13", _S13, _S13_PARTS, "--peers-from", "fp4_quality_broad"),
     "fp4_quality_cost13": _merged("fp4_quality_cost13", _COST13, _COST13_PARTS),
     "fp4_quality_s14": _merged("fp4_quality_s14", _S14, _S14_PARTS),
+    "fp4_quality_s15": _merged("fp4_quality_s15", _S14, _S15_PARTS),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],

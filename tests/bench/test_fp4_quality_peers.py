@@ -55,3 +55,24 @@ def test_recipe_rows_parse_overrides_and_drops_and_refuse_a_pass_the_recipe_lack
         bq.parse_recipe_spec("recipe:nvfp4-w4a16+refine_sweeps")
     with pytest.raises(ValueError, match="no pass 'awq' to drop"):  # before any model is loaded
         bq.run_recipe("recipe:nvfp4-w4a16+drop=awq", None, None, None)
+
+
+def test_session_15_recipe_rows_build_the_recipes_the_protocol_names(monkeypatch):
+    """Every recipe row of fp4_quality_s15 builds (the candidate file, the overrides' pass indices); the AWQ
+    candidates put awq on every role in front of the rotation, and the sweeps land on the gptq pass."""
+    from bench.run_all import JOBS
+
+    monkeypatch.chdir(bq.ROOT)  # the candidate's path is relative to the repository root, where the bench runs
+    rows = [c for _m, argv in JOBS["fp4_quality_s15"] if "--configs" in argv
+            for c in bq.split_specs(argv[argv.index("--configs") + 1]) if c.startswith("recipe:")]
+    built = {r: bq.recipe_of(r) for r in rows}
+    sweeps = {r: next(p for p in rec.passes if p.name == "gptq").refine_sweeps for r, rec in built.items()}
+    awq = {r: [p for p in rec.passes if p.name == "awq"] for r, rec in built.items()}
+    assert sorted(sweeps.values()) == [2, 3, 3, 5]
+    for r in rows:
+        names = [p.name for p in built[r].passes]
+        if "candidates" in r:
+            assert names == ["calibrate", "awq", "rotate", "gptq"] and awq[r][0].targets.roles == []  # every role
+            assert awq[r][0].rotation == 64
+        else:
+            assert names == ["calibrate", "rotate", "gptq"]
