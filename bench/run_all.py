@@ -180,11 +180,14 @@ _S14_PARTS = {
 # session 15: MXFP4A16 re-chosen after gptq takes the X^T X the awq pass measured (kept Hessians), which makes room
 # for AWQ on every role: the rule and the cost limit are session 14's (docs/quality.md "Session 15", fixed before
 # these rows ran); the incumbent (no AWQ, 3 sweeps) is measured again in this job beside the candidates
+# (the rows ran with the incumbent as `recipe:mxfp4-w4a16-best`; since the job chose AWQ for that recipe, they name
+# bench/candidates/mxfp4-w4a16-best-s14.yaml, the same recipe as it was then, so that the job still measures the same)
 _S15_AWQ = "recipe:bench/candidates/mxfp4-w4a16-best-awq.yaml"
+_S15_OLD = "recipe:bench/candidates/mxfp4-w4a16-best-s14.yaml"
 _S15_PARTS = {
-    "fp4_quality_s15_a": ["--configs", f"bf16,{_S15_AWQ}+passes.3.refine_sweeps=2,recipe:mxfp4-w4a16-best",
+    "fp4_quality_s15_a": ["--configs", f"bf16,{_S15_AWQ}+passes.3.refine_sweeps=2,{_S15_OLD}",
                           "--peers", "MXFP4A16:gptq_mse"],
-    "fp4_quality_s15_b": ["--configs", f"{_S15_AWQ},recipe:mxfp4-w4a16-best+passes.2.refine_sweeps=5",
+    "fp4_quality_s15_b": ["--configs", f"{_S15_AWQ},{_S15_OLD}+passes.2.refine_sweeps=5",
                           "--peers", "MXFP4A16:quip_gptq,MXFP4A16:rtn"],
 }
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from

@@ -24,6 +24,9 @@ candidate, the block's output on one calibration batch must not change, while th
 scaled alone must change it. Groups with no such candidate are left unscaled and reported, e.g.
 o_proj under grouped-query attention (v_proj's rows are shared by several heads) or a norm that
 also feeds fused MoE experts.
+
+When a later pass of the block loop reads Hessians (gptq), the one statistics forward measures every
+linear of the block and keeps the matrices, transformed by the scales, for that pass (input_stats).
 """
 
 from __future__ import annotations

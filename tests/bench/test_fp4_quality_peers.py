@@ -71,8 +71,13 @@ def test_session_15_recipe_rows_build_the_recipes_the_protocol_names(monkeypatch
     assert sorted(sweeps.values()) == [2, 3, 3, 5]
     for r in rows:
         names = [p.name for p in built[r].passes]
-        if "candidates" in r:
+        if "best-awq" in r:
             assert names == ["calibrate", "awq", "rotate", "gptq"] and awq[r][0].targets.roles == []  # every role
             assert awq[r][0].rotation == 64
         else:
             assert names == ["calibrate", "rotate", "gptq"]
+    # the job chose the AWQ candidate with 3 sweeps: the shipped recipe runs exactly those passes
+    chosen = next(rec for r, rec in built.items() if "best-awq" in r and sweeps[r] == 3)
+    shipped = bq.recipe_of("recipe:mxfp4-w4a16-best")
+    assert [p.model_dump() for p in shipped.passes] == [p.model_dump() for p in chosen.passes]
+    assert shipped.calib == chosen.calib
