@@ -100,8 +100,10 @@ def input_second_moments(blk, names: list[str], kind: str) -> dict[str, torch.Te
 
 
 def keep_hessians(blk, hessians: dict[str, torch.Tensor]) -> None:
-    """Keep X^T X of the named linears in the block for a later pass (copies: the keeper may go on using its own)."""
-    blk.extra.setdefault(KEPT, {}).update({n: h.clone() for n, h in hessians.items()})
+    """Keep X^T X of the named linears in the block for a later pass. The tensors themselves, not copies (a 7B
+    block's are about 0.9 GB): the keeper may read them but must not change them in place, and the reader may
+    (gptq damps its Hessians in place)."""
+    blk.extra.setdefault(KEPT, {}).update(hessians)
 
 
 def transform_kept(blk, name: str, fn) -> None:
