@@ -190,6 +190,12 @@ _S15_PARTS = {
     "fp4_quality_s15_b": ["--configs", f"{_S15_AWQ},{_S15_OLD}+passes.2.refine_sweeps=5",
                           "--peers", "MXFP4A16:quip_gptq,MXFP4A16:rtn"],
 }
+# session 15: the two W4A4 best recipes' cost now that gptq takes the Hessians awq measured (times only, as
+# fp4_quality_cost13: 2 held-out windows), each beside llm-compressor's GPTQ + MSE at its scheme, two lanes at one thread
+_COST15_PARTS = {
+    "fp4_quality_c15_a": ["--configs", "recipe:nvfp4-w4a4-best", "--peers", "NVFP4:gptq_mse"],
+    "fp4_quality_c15_b": ["--configs", "recipe:mxfp4-w4a4-best", "--peers", "MXFP4:gptq_mse"],
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -244,6 +250,7 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_cost13": _merged("fp4_quality_cost13", _COST13, _COST13_PARTS),
     "fp4_quality_s14": _merged("fp4_quality_s14", _S14, _S14_PARTS),
     "fp4_quality_s15": _merged("fp4_quality_s15", _S14, _S15_PARTS),
+    "fp4_quality_cost15": _merged("fp4_quality_cost15", _COST13, _COST15_PARTS),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],
