@@ -39,7 +39,7 @@ from torch import nn
 
 from quantkit.formats import get_format
 from quantkit.passes.base import Pass, register_pass
-from quantkit.passes.input_stats import WANTED, input_second_moments, keep_hessians, transform_kept
+from quantkit.passes.input_stats import KEPT, input_second_moments, keep_hessians, transform_kept
 from quantkit.passes.quantize import known_format
 from quantkit.nn.qlinear import rotate_input
 from quantkit.stream.capture import block_output
@@ -143,7 +143,7 @@ class Awq(Pass):
         # share: a later pass of the block loop (gptq) takes X^T X, so measure every linear of the block in the one
         # forward this pass runs anyway (o_proj's input is on the way to down_proj's) and keep them current
         ctx.scratch[self._key()] = {"names": set(self.targets.select(ctx.model, ctx.arch)), "folds": {},
-                                   "alphas": [], "unscaled": 0, "no_fold": 0, "share": WANTED in ctx.needed}
+                                   "alphas": [], "unscaled": 0, "no_fold": 0, "share": KEPT in ctx.needed}
 
     # -- discovery ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,9 +312,8 @@ class Awq(Pass):
                 plans.append((g, fold))
         if not plans:
             return
-        measured = [n for g, _ in plans for n in g.names[:1]]
-        if state["share"]:  # every linear of every group; those reading one tensor cost one product (input_stats)
-            measured = [n for g in groups for n in g.names]
+        # the searched groups' inputs; when sharing, every linear of every group (one product per tensor read)
+        measured = [n for g in groups for n in g.names] if state["share"] else [g.names[0] for g, _ in plans]
         hs = input_second_moments(blk, [f"{blk.prefix}.{n}" for n in measured], "hessian")
         if state["share"]:
             keep_hessians(blk, hs)

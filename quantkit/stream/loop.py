@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import RecipeError
-from quantkit.passes.input_stats import WANTED, drop_kept
+from quantkit.passes.input_stats import KEPT, drop_kept
 from quantkit.stream.capture import Call, capture, run_block
 from quantkit.stream.plan import sweeps_first
 from quantkit.stream.residency import WholeResidency
@@ -72,7 +72,7 @@ def run_stage(passes, ctx, *, writer=None, evaluation=None, progress: Callable[[
     for i, p in enumerate(passes):
         ctx.needed = set().union(*(q.requirements() for q in passes[i + 1:])) | getattr(ctx, "needed_later", set())
         if any(q.reads_input_hessians for q in passes[i + 1:]):
-            ctx.needed.add(WANTED)  # a later pass of this loop takes the X^T X this one may keep
+            ctx.needed.add(KEPT)  # a later pass of this loop takes the X^T X this one may keep
         p.begin(ctx)
     ctx.needed = set()
     split = first_sweep_pass(passes)
