@@ -88,6 +88,14 @@ def windows_of(tok, texts: list[str], n: int | None, seed: int | None) -> torch.
     return w[:n] if n else w
 
 
+def calib_in_order(calib: torch.Tensor, order: int) -> torch.Tensor:
+    """The calibration windows as picked (order 0), or permuted by seed `order`: the same tokens in another
+    order, which changes only the floating-point order of every sum over them."""
+    if order == 0:
+        return calib
+    return calib[torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(order))].contiguous()
+
+
 @torch.inference_mode()
 def window_nll(model, windows: torch.Tensor, batch: int = 4) -> list[float]:
     """Mean next-token NLL per window; ppl = exp(mean of these) (equal-length windows). The same formula
@@ -964,12 +972,54 @@ def _method(r: dict) -> str:
     return f"{r['observer']} / {r['weighting']} / {gptq}{rot}"
 
 
+def _label(r: dict) -> str:
+    return _method(r) + (f" [calibration order {r['calib_order']}]" if r.get("calib_order") else "")
+
+
+def _peer_key(r: dict) -> tuple:
+    """Rows are compared with the llm-compressor rows calibrated in the same order (0: the seeded pick's)."""
+    return r.get("scheme", ""), r.get("calib_order", 0)
+
+
+def order_spread(rows: list[dict], peers: dict[tuple, dict]) -> list[str]:
+    """With rows from more than one calibration order: each method's held-out Δ per order, quantkit's ratio to
+    the best llm-compressor row of the same order, and their mean, sample sd, min and max over the orders."""
+    orders = sorted({r.get("calib_order", 0) for r in rows if r.get("tool") and "heldout_delta" in r})
+    if len(orders) < 2:
+        return []
+    lines = ["", "Calibration-order spread: the same calibration windows in another order (only the floating-point "
+             "summation order differs); ratio = quantkit's held-out Δ / the best llm-compressor Δ of the same order.", "",
+             "| scheme | method | " + " | ".join(f"order {o}" for o in orders) + " | mean | sd | min..max |",
+             "|---|---|" + "---|" * (len(orders) + 3)]
+
+    def stat_cells(vals: list[float], fmt: str) -> str:
+        m = sum(vals) / len(vals)
+        sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else float("nan")
+        return f"{m:{fmt}} | {sd:.3f} | {min(vals):{fmt}}..{max(vals):{fmt}}"
+
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("tool") and "heldout_delta" in r and r["config"] != "bf16":
+            groups.setdefault((r["scheme"], _method(r)), {})[r.get("calib_order", 0)] = r
+    for (scheme, method), by in groups.items():
+        deltas = {o: by[o]["heldout_delta"] for o in orders if o in by}
+        lines.append(f"| {scheme} | {method}, held-out Δ | " + " | ".join(
+            f"{deltas[o]:+.3f}" if o in deltas else "-" for o in orders) + f" | {stat_cells(list(deltas.values()), '+.3f')} |")
+        if by[next(iter(by))].get("tool") != "quantkit":
+            continue
+        ratios = {o: by[o]["heldout_delta"] / peers[(scheme, o)]["best"] for o in deltas if peers.get((scheme, o), {}).get("best")}
+        if ratios:
+            lines.append(f"| {scheme} | {method}, ÷ best llmc Δ | " + " | ".join(
+                f"{ratios[o]:.3f}" if o in ratios else "-" for o in orders) + f" | {stat_cells(list(ratios.values()), '.3f')} |")
+    return lines
+
+
 def write(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out["environment"]["machine"]["loadavg_now"] = os.getloadavg()
     rows = out["rows"]
     base = next((r for r in rows if r["config"] == "bf16"), None)
-    peers: dict[str, dict[str, float]] = {}  # scheme -> {"rtn": Δ, "best": Δ, "best_method": ...}
+    peers: dict[tuple, dict[str, float]] = {}  # (scheme, calib order) -> {"rtn": Δ, "best": Δ, "best_method": ...}
     for r in rows:
         if base and "heldout_ppl" in r:
             r["heldout_delta"] = r["heldout_ppl"] - base["heldout_ppl"]
@@ -978,13 +1028,13 @@ def write(out: dict, name: str) -> None:
             if r["config"] != "bf16":
                 r["heldout_delta_5_95"] = bootstrap_delta(r["heldout_nll"], base["heldout_nll"])
         if r.get("tool") == "llm-compressor" and "heldout_delta" in r:
-            pe = peers.setdefault(r["scheme"], {})
+            pe = peers.setdefault(_peer_key(r), {})
             if r["method"] == "rtn":
                 pe["rtn"], pe["rtn_nll"] = r["heldout_delta"], r["heldout_nll"]
             if r["heldout_delta"] < pe.get("best", float("inf")):
                 pe["best"], pe["best_method"], pe["best_nll"] = r["heldout_delta"], r["method"], r["heldout_nll"]
     for r in rows:  # the goal ratios' paired-bootstrap intervals (quantkit rows against this scheme's peer rows)
-        pe = peers.get(r.get("scheme", ""), {})
+        pe = peers.get(_peer_key(r), {})
         if r.get("tool") == "quantkit" and "heldout_delta" in r and base:
             for k in ("rtn", "best"):
                 if pe.get(k):
@@ -1000,10 +1050,10 @@ def write(out: dict, name: str) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('scheme', '-')} | {_method(r)} | - | - | - | - | did not run: {r['error'][:160]} "
+            lines.append(f"| {r.get('scheme', '-')} | {_label(r)} | - | - | - | - | did not run: {r['error'][:160]} "
                          "| - | - | - | - |")
             continue
-        pe = peers.get(r.get("scheme", ""), {})
+        pe = peers.get(_peer_key(r), {})
         d = r.get("heldout_delta")
         ci = r.get("heldout_delta_5_95")
         ratio = lambda k: (f"{d / pe[k]:.2f}" + (f" ({r[f'ratio_{k}_5_95'][0]:.2f}..{r[f'ratio_{k}_5_95'][1]:.2f})"  # noqa: E731
@@ -1021,9 +1071,9 @@ def write(out: dict, name: str) -> None:
         if r.get("orot"):
             rcol += f" + output Hadamard {r['orot']}" + (f" on {r['orot_only']}_proj" if r.get("orot_only") else "")
         lines.append(
-            f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | "
+            f"| {r.get('scheme', 'bf16')} | {_label(r)} | {rcol} | "
             f"{r['weight_rel_err']:.4f} | " if "weight_rel_err" in r else
-            f"| {r.get('scheme', 'bf16')} | {_method(r)} | {rcol} | - | ")
+            f"| {r.get('scheme', 'bf16')} | {_label(r)} | {rcol} | - | ")
         lines[-1] += (f"{r['dev_ppl']:.3f} | " if "dev_ppl" in r else "- | ") + \
             (f"{r['dev_delta']:+.3f} | " if "dev_delta" in r else "- | ") + \
             f"{r['heldout_ppl']:.3f} | " + (f"{d:+.3f} ({ci[0]:+.2f}..{ci[1]:+.2f})" if ci else
@@ -1031,7 +1081,9 @@ def write(out: dict, name: str) -> None:
             f" | {ratio('rtn')} | {ratio('best')} | {cost} |"
     if peers:
         lines += ["", "llm-compressor per scheme (held-out Δ): " + "; ".join(
-            f"{k}: RTN {v.get('rtn', float('nan')):+.3f}, best {v['best_method']} {v['best']:+.3f}" for k, v in peers.items())]
+            f"{k[0]}{f' (calibration order {k[1]})' if k[1] else ''}: RTN {v.get('rtn', float('nan')):+.3f}, "
+            f"best {v['best_method']} {v['best']:+.3f}" for k, v in peers.items())]
+    lines += order_spread(rows, peers)
     if out.get("tiny") and "arch" in out["tiny"][0]:
         archs = list(dict.fromkeys(r["arch"] for r in out["tiny"]))
         lines += ["", "Random-weight tiny models (tests/tiny_models.py, hidden 64, 2 layers): weight / output "
@@ -1109,6 +1161,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "format x observer of GPTQ_KNOBS (e.g. nvfp4:e4m3_local)")
     p.add_argument("--layer-configs", default="", help="with --gptq-knobs: weight-only --configs specs scored at "
                    "those layers (output error on dev text) instead of the knob grid")
+    p.add_argument("--calib-order", type=int, default=0, help="0: the calibration windows in their seeded pick's order; "
+                   "K > 0: the same windows permuted by seed K, for both tools (the same tokens, so the same method: "
+                   "only the floating-point summation order changes)")
     p.add_argument("--merge", default="", help="stems of earlier result JSONs (same windows) to combine into --name")
     p.add_argument("--peers-from", default="", help="with --merge: a result JSON whose llm-compressor rows join the "
                    "table for the goal ratios, held-out columns only (its dev split may have other windows); its bf16 "
@@ -1139,7 +1194,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = load_model("smollm2-135m", dtype="bfloat16")
     calib_texts, dev_texts = split_calib_texts()
-    calib = windows_of(tok, calib_texts, CALIB_SAMPLES, SEED)
+    calib = calib_in_order(windows_of(tok, calib_texts, CALIB_SAMPLES, SEED), args.calib_order)
     if args.gptq_knobs:  # scored on its own dev windows: no held-out text needed
         del model
         layers = [int(x) for x in args.gptq_knobs.split(",")]
@@ -1169,7 +1224,8 @@ def main(argv: list[str] | None = None) -> dict:
         f" (every {args.heldout_every}th of {n_held})" if args.heldout_every > 1 else "")
     out = {"model": "smollm2-135m", "eval": f"held-out split, {held}; dev split "
            f"{dev.shape[0]} windows x {SEQ_LEN} from every {DEV_EVERY}th calibration article",
-           "calib": f"{CALIB_SAMPLES} x {SEQ_LEN} tokens (seed {SEED}) from the other calibration articles",
+           "calib": f"{CALIB_SAMPLES} x {SEQ_LEN} tokens (seed {SEED}) from the other calibration articles"
+                    + (f", in permutation {args.calib_order}" if args.calib_order else ""),
            "environment": environment(argv), "rows": [], "tiny": []}
     if not args.no_tiny:
         out["tiny"] = tiny_weight_errors()
@@ -1177,12 +1233,16 @@ def main(argv: list[str] | None = None) -> dict:
     cache: dict = {}
     for spec in split_specs(args.configs):
         row = run_config(spec, heldout, dev, calib, cache)
+        if args.calib_order and spec != "bf16":
+            row["calib_order"] = args.calib_order
         out["rows"].append(row)
         out["stats_s"] = cache.get("stats_s")
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)
     for spec in split_specs(args.peers):
         row = run_peer_config(spec, files["heldout"], files["dev"], files["calib"], args.name)
+        if args.calib_order:
+            row["calib_order"] = args.calib_order
         out["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_nll")}), flush=True)
         write(out, args.name)

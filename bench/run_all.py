@@ -196,6 +196,16 @@ _COST15_PARTS = {
     "fp4_quality_c15_a": ["--configs", "recipe:nvfp4-w4a4-best", "--peers", "NVFP4:gptq_mse"],
     "fp4_quality_c15_b": ["--configs", "recipe:mxfp4-w4a4-best", "--peers", "MXFP4:gptq_mse"],
 }
+# session 16: how much of a held-out Δ is floating-point order alone. The 16 calibration windows in other orders
+# (--calib-order: the same tokens, so the same method for both tools; order 0 is the order every earlier job used):
+# the MXFP4A16 recipe chosen in session 15 (its snapshot) and the shipped NVFP4A16 one, each beside
+# llm-compressor's QuIP + GPTQ (the best llm-compressor row at both schemes) calibrated in the same order
+_ORDER16_PARTS = {
+    **{f"fp4_quality_o16_mx{k}": ["--calib-order", str(k), "--configs", ("bf16," if k == 0 else "") + _S15_AWQ,
+                                  "--peers", "MXFP4A16:quip_gptq"] for k in range(4)},
+    **{f"fp4_quality_o16_nv{k}": ["--calib-order", str(k), "--configs", "recipe:nvfp4-w4a16-best",
+                                  "--peers", "NVFP4A16:quip_gptq"] for k in range(2)},
+}
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged
 _S10_EXTRA = ",".join([f"nvfp4a16:{_G}:ts:rot64:awq:orot64", f"nvfp4a16:{_G}:ts:rot64:awq:orot64=v",
@@ -251,6 +261,7 @@ JOBS: dict[str, list[tuple[str, list[str]]]] = {
     "fp4_quality_s14": _merged("fp4_quality_s14", _S14, _S14_PARTS),
     "fp4_quality_s15": _merged("fp4_quality_s15", _S14, _S15_PARTS),
     "fp4_quality_cost15": _merged("fp4_quality_cost15", _COST13, _COST15_PARTS),
+    "fp4_quality_order16": _merged("fp4_quality_order16", _S14, _ORDER16_PARTS),
     "fp4_quality_s10_extra": [("bench_fp4_quality", [*_Q32, "--configs", _S10_EXTRA, "--name", "fp4_quality_s10_extra"])],
     "fp4_quality_gptq_s4": [("bench_fp4_quality", ["--gptq-knobs", "5", "--knob-set", "nvfp4:e4m3_local",
                                                    "--name", "fp4_quality_gptq_s4"])],

@@ -4,6 +4,7 @@ held-out windows (the bf16 rows' per-window NLLs agree to PEER_WINDOW_TOL), and 
 import json
 
 import pytest
+import torch
 
 import bench.bench_fp4_quality as bq
 
@@ -81,3 +82,51 @@ def test_session_15_recipe_rows_build_the_recipes_the_protocol_names(monkeypatch
     shipped = bq.recipe_of("recipe:mxfp4-w4a16-best")
     assert [p.model_dump() for p in shipped.passes] == [p.model_dump() for p in chosen.passes]
     assert shipped.calib == chosen.calib
+
+
+def test_calibration_orders_permute_the_same_windows_and_order_zero_keeps_them():
+    calib = torch.arange(16 * 3).view(16, 3)
+    assert torch.equal(bq.calib_in_order(calib, 0), calib)
+    one, two = bq.calib_in_order(calib, 1), bq.calib_in_order(calib, 2)
+    assert not torch.equal(one, calib) and not torch.equal(one, two)
+    for p in (one, two):  # the same windows, each once
+        assert sorted(map(tuple, p.tolist())) == sorted(map(tuple, calib.tolist()))
+    assert torch.equal(bq.calib_in_order(calib, 1), one)  # seeded
+
+
+def test_rows_of_each_calibration_order_are_compared_with_the_peer_of_that_order(tmp_path, monkeypatch):
+    """Ratios pair a quantkit row with the llm-compressor row calibrated in the same order (not the luckiest
+    order's), and the spread table gives each order's Δ and ratio with their mean, sd and range."""
+    monkeypatch.setattr(bq, "RESULTS", tmp_path)
+    nll = lambda d: [2.0 + d, 2.0 + d]  # noqa: E731  two windows, Δ in nats per window
+    rows = [{"config": "bf16", "heldout_nll": nll(0.0), "heldout_ppl": bq.ppl_of(nll(0.0))}]
+    for order, (mine, theirs) in enumerate([(0.10, 0.20), (0.12, 0.12)]):
+        rows.append({"config": "recipe:x", "tool": "quantkit", "recipe": "x", "overrides": [], "dropped": [],
+                     "scheme": "mxfp4a16", "heldout_nll": nll(mine), "heldout_ppl": bq.ppl_of(nll(mine)),
+                     **({"calib_order": order} if order else {})})
+        rows.append({"config": "llmc:MXFP4A16:quip_gptq", "tool": "llm-compressor", "method": "quip_gptq",
+                     "scheme": "mxfp4a16", "heldout_nll": nll(theirs), "heldout_ppl": bq.ppl_of(nll(theirs)),
+                     **({"calib_order": order} if order else {})})
+    env = {"commit": "c", "tree_dirty": False, "command": "x", "versions": {}, "machine": {"loadavg_start": 0, "cpus": 2}}
+    bq.write({"model": "m", "eval": "e", "calib": "c", "environment": env, "rows": rows}, "t")
+    base = bq.ppl_of(nll(0.0))
+    delta = {d: bq.ppl_of(nll(d)) - base for d in (0.10, 0.12, 0.20)}
+    ratios = [delta[0.10] / delta[0.20], delta[0.12] / delta[0.12]]
+    text = (tmp_path / "t.md").read_text()
+    spread = text[text.index("Calibration-order spread"):]
+    line = next(ln for ln in spread.splitlines() if "÷ best llmc Δ" in ln)
+    cells = [c.strip() for c in line.split("|")[3:-1]]
+    assert cells[:2] == [f"{ratios[0]:.3f}", f"{ratios[1]:.3f}"] and ratios[1] == 1.0  # order 1 against order 1's peer
+    mean = sum(ratios) / 2
+    sd = ((ratios[0] - mean) ** 2 + (ratios[1] - mean) ** 2) ** 0.5  # n - 1 = 1
+    assert cells[2:] == [f"{mean:.3f}", f"{sd:.3f}", f"{min(ratios):.3f}..{max(ratios):.3f}"]
+    assert "[calibration order 1]" in text and "mxfp4a16 (calibration order 1): RTN" in text
+
+
+def test_session_16_order_job_names_four_mxfp4_and_two_nvfp4_orders_with_bf16_once():
+    from bench.run_all import JOBS
+
+    parts = [argv for _m, argv in JOBS["fp4_quality_order16"] if "--calib-order" in argv]
+    orders = sorted((a[a.index("--peers") + 1], int(a[a.index("--calib-order") + 1])) for a in parts)
+    assert orders == [("MXFP4A16:quip_gptq", k) for k in range(4)] + [("NVFP4A16:quip_gptq", k) for k in range(2)]
+    assert sum("bf16" in bq.split_specs(a[a.index("--configs") + 1]) for a in parts) == 1
