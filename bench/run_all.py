@@ -204,7 +204,7 @@ _ORDER16_PARTS = {
     **{f"fp4_quality_o16_mx{k}": ["--calib-order", str(k), "--configs", ("bf16," if k == 0 else "") + _S15_AWQ,
                                   "--peers", "MXFP4A16:quip_gptq"] for k in range(4)},
     **{f"fp4_quality_o16_nv{k}": ["--calib-order", str(k), "--configs", "recipe:nvfp4-w4a16-best",
-                                  "--peers", "NVFP4A16:quip_gptq"] for k in range(2)},
+                                  "--peers", "NVFP4A16:quip_gptq"] for k in range(4)},
 }
 # session 10 rows whose results files were lost before they were committed (numbers in docs/quality.md are from
 # their run logs); this job measures them again into its own table, not merged

@@ -123,10 +123,10 @@ def test_rows_of_each_calibration_order_are_compared_with_the_peer_of_that_order
     assert "[calibration order 1]" in text and "mxfp4a16 (calibration order 1): RTN" in text
 
 
-def test_session_16_order_job_names_four_mxfp4_and_two_nvfp4_orders_with_bf16_once():
+def test_session_16_order_job_names_four_orders_at_each_scheme_with_bf16_once():
     from bench.run_all import JOBS
 
     parts = [argv for _m, argv in JOBS["fp4_quality_order16"] if "--calib-order" in argv]
     orders = sorted((a[a.index("--peers") + 1], int(a[a.index("--calib-order") + 1])) for a in parts)
-    assert orders == [("MXFP4A16:quip_gptq", k) for k in range(4)] + [("NVFP4A16:quip_gptq", k) for k in range(2)]
+    assert orders == [("MXFP4A16:quip_gptq", k) for k in range(4)] + [("NVFP4A16:quip_gptq", k) for k in range(4)]
     assert sum("bf16" in bq.split_specs(a[a.index("--configs") + 1]) for a in parts) == 1
