@@ -1005,6 +1005,10 @@ def order_spread(rows: list[dict], peers: dict[tuple, dict]) -> list[str]:
         deltas = {o: by[o]["heldout_delta"] for o in orders if o in by}
         lines.append(f"| {scheme} | {method}, held-out Δ | " + " | ".join(
             f"{deltas[o]:+.3f}" if o in deltas else "-" for o in orders) + f" | {stat_cells(list(deltas.values()), '+.3f')} |")
+        devs = {o: by[o]["dev_delta"] for o in orders if o in by and "dev_delta" in by[o]}
+        if len(devs) > 1:
+            lines.append(f"| {scheme} | {method}, dev Δ | " + " | ".join(
+                f"{devs[o]:+.3f}" if o in devs else "-" for o in orders) + f" | {stat_cells(list(devs.values()), '+.3f')} |")
         if by[next(iter(by))].get("tool") != "quantkit":
             continue
         ratios = {o: by[o]["heldout_delta"] / peers[(scheme, o)]["best"] for o in deltas if peers.get((scheme, o), {}).get("best")}

@@ -99,11 +99,11 @@ def test_rows_of_each_calibration_order_are_compared_with_the_peer_of_that_order
     order's), and the spread table gives each order's Δ and ratio with their mean, sd and range."""
     monkeypatch.setattr(bq, "RESULTS", tmp_path)
     nll = lambda d: [2.0 + d, 2.0 + d]  # noqa: E731  two windows, Δ in nats per window
-    rows = [{"config": "bf16", "heldout_nll": nll(0.0), "heldout_ppl": bq.ppl_of(nll(0.0))}]
+    rows = [{"config": "bf16", "heldout_nll": nll(0.0), "heldout_ppl": bq.ppl_of(nll(0.0)), "dev_ppl": 20.0}]
     for order, (mine, theirs) in enumerate([(0.10, 0.20), (0.12, 0.12)]):
         rows.append({"config": "recipe:x", "tool": "quantkit", "recipe": "x", "overrides": [], "dropped": [],
                      "scheme": "mxfp4a16", "heldout_nll": nll(mine), "heldout_ppl": bq.ppl_of(nll(mine)),
-                     **({"calib_order": order} if order else {})})
+                     "dev_ppl": 21.0 + order, **({"calib_order": order} if order else {})})
         rows.append({"config": "llmc:MXFP4A16:quip_gptq", "tool": "llm-compressor", "method": "quip_gptq",
                      "scheme": "mxfp4a16", "heldout_nll": nll(theirs), "heldout_ppl": bq.ppl_of(nll(theirs)),
                      **({"calib_order": order} if order else {})})
@@ -121,6 +121,8 @@ def test_rows_of_each_calibration_order_are_compared_with_the_peer_of_that_order
     sd = ((ratios[0] - mean) ** 2 + (ratios[1] - mean) ** 2) ** 0.5  # n - 1 = 1
     assert cells[2:] == [f"{mean:.3f}", f"{sd:.3f}", f"{min(ratios):.3f}..{max(ratios):.3f}"]
     assert "[calibration order 1]" in text and "mxfp4a16 (calibration order 1): RTN" in text
+    dev = next(ln for ln in spread.splitlines() if "dev Δ" in ln and "quantkit" in ln)
+    assert [c.strip() for c in dev.split("|")[3:-1]] == ["+1.000", "+2.000", "+1.500", "0.707", "+1.000..+2.000"]
 
 
 def test_session_16_order_job_names_four_orders_at_each_scheme_with_bf16_once():
