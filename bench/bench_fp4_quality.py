@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -982,9 +983,10 @@ def _peer_key(r: dict) -> tuple:
 
 
 def order_spread(rows: list[dict], peers: dict[tuple, dict]) -> list[str]:
-    """With rows from more than one calibration order: each method's held-out Δ per order, quantkit's ratio to
-    the best llm-compressor row of the same order, and their mean, sample sd, min and max over the orders."""
-    orders = sorted({r.get("calib_order", 0) for r in rows if r.get("tool") and "heldout_delta" in r})
+    """With rows from more than one calibration order: each method's held-out and dev Δ per order, quantkit's ratio
+    to the best llm-compressor row of the same order, and their mean, sample sd, min and max over the orders."""
+    measured = [r for r in rows if r.get("tool") and "heldout_delta" in r and r["config"] != "bf16"]
+    orders = sorted({r.get("calib_order", 0) for r in measured})
     if len(orders) < 2:
         return []
     lines = ["", "Calibration-order spread: the same calibration windows in another order (only the floating-point "
@@ -992,29 +994,24 @@ def order_spread(rows: list[dict], peers: dict[tuple, dict]) -> list[str]:
              "| scheme | method | " + " | ".join(f"order {o}" for o in orders) + " | mean | sd | min..max |",
              "|---|---|" + "---|" * (len(orders) + 3)]
 
-    def stat_cells(vals: list[float], fmt: str) -> str:
-        m = sum(vals) / len(vals)
-        sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else float("nan")
-        return f"{m:{fmt}} | {sd:.3f} | {min(vals):{fmt}}..{max(vals):{fmt}}"
+    def line(scheme: str, what: str, vals: dict[int, float], fmt: str) -> str:
+        v = list(vals.values())
+        sd = f"{statistics.stdev(v):.3f}" if len(v) > 1 else "-"
+        return (f"| {scheme} | {what} | " + " | ".join(f"{vals[o]:{fmt}}" if o in vals else "-" for o in orders)
+                + f" | {statistics.fmean(v):{fmt}} | {sd} | {min(v):{fmt}}..{max(v):{fmt}} |")
 
     groups: dict[tuple, dict[int, dict]] = {}
-    for r in rows:
-        if r.get("tool") and "heldout_delta" in r and r["config"] != "bf16":
-            groups.setdefault((r["scheme"], _method(r)), {})[r.get("calib_order", 0)] = r
+    for r in measured:
+        groups.setdefault((r["scheme"], _method(r)), {})[r.get("calib_order", 0)] = r
     for (scheme, method), by in groups.items():
-        deltas = {o: by[o]["heldout_delta"] for o in orders if o in by}
-        lines.append(f"| {scheme} | {method}, held-out Δ | " + " | ".join(
-            f"{deltas[o]:+.3f}" if o in deltas else "-" for o in orders) + f" | {stat_cells(list(deltas.values()), '+.3f')} |")
-        devs = {o: by[o]["dev_delta"] for o in orders if o in by and "dev_delta" in by[o]}
+        lines.append(line(scheme, f"{method}, held-out Δ", {o: r["heldout_delta"] for o, r in by.items()}, "+.3f"))
+        devs = {o: r["dev_delta"] for o, r in by.items() if "dev_delta" in r}
         if len(devs) > 1:
-            lines.append(f"| {scheme} | {method}, dev Δ | " + " | ".join(
-                f"{devs[o]:+.3f}" if o in devs else "-" for o in orders) + f" | {stat_cells(list(devs.values()), '+.3f')} |")
-        if by[next(iter(by))].get("tool") != "quantkit":
-            continue
-        ratios = {o: by[o]["heldout_delta"] / peers[(scheme, o)]["best"] for o in deltas if peers.get((scheme, o), {}).get("best")}
+            lines.append(line(scheme, f"{method}, dev Δ", devs, "+.3f"))
+        ratios = {o: r["heldout_delta"] / peers[(scheme, o)]["best"] for o, r in by.items()
+                  if r["tool"] == "quantkit" and peers.get((scheme, o), {}).get("best")}
         if ratios:
-            lines.append(f"| {scheme} | {method}, ÷ best llmc Δ | " + " | ".join(
-                f"{ratios[o]:.3f}" if o in ratios else "-" for o in orders) + f" | {stat_cells(list(ratios.values()), '.3f')} |")
+            lines.append(line(scheme, f"{method}, ÷ best llmc Δ", ratios, ".3f"))
     return lines
 
 
